@@ -1,0 +1,256 @@
+"""Class priors: which examples are *tail*, and the long-tail profile.
+
+ImbSAM splits a batch by class prior. These helpers turn training-set class
+counts (or the Deep SAD labelling convention) into ``tail_mask_fn`` callables
+for :func:`imbsam_jax.imbsam`, and build the exponential long-tail profile used
+by the CIFAR-LT benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TailMaskFn = Callable[[Any], jax.Array]
+
+#: Deep SAD label of a labeled anomaly (+1 labeled normal, 0 unlabeled).
+LABELED_ANOMALY = -1
+
+
+def _as_counts(class_counts: Any) -> np.ndarray:
+  """Validates training-set class counts: 1-D, finite, non-negative."""
+  counts = np.asarray(class_counts)
+  if counts.ndim != 1 or counts.size == 0:
+    raise ValueError(
+      "class_counts must be a non-empty 1-D array of per-class training"
+      f" sample counts, got shape {counts.shape}."
+    )
+  if not (
+    np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)
+  ):
+    raise TypeError(f"class_counts must be numeric, got dtype {counts.dtype}.")
+  if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+    raise ValueError("class_counts must be finite and non-negative.")
+  return counts
+
+
+def _lookup(per_class: np.ndarray) -> TailMaskFn:
+  """Returns ``labels -> per_class[labels]`` with a shape/dtype check."""
+  table = jnp.asarray(per_class)
+
+  def tail_mask_fn(labels: Any) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise TypeError(
+        f"labels must be integer class indices, got dtype {labels.dtype}."
+      )
+    return table[labels]
+
+  return tail_mask_fn
+
+
+def tail_classes(class_counts: Any, eta: float) -> np.ndarray:
+  """Boolean per-class tail indicator: ``class_counts[c] < eta``.
+
+  .. math::
+    \\text{tail}_c = [n_c < \\eta]
+
+  Args:
+    class_counts: 1-D array of training-sample counts per class.
+    eta: threshold; strict comparison, as in the reference implementation.
+
+  Returns:
+    A NumPy bool array of shape ``(num_classes,)``.
+
+  Example:
+    >>> import imbsam_jax
+    >>> imbsam_jax.tail_classes([500, 100, 20, 19, 5], eta=20).tolist()
+    [False, False, False, True, True]
+  """
+  counts = _as_counts(class_counts)
+  return counts < eta
+
+
+def tail_mask_from_counts(class_counts: Any, eta: float = 20) -> TailMaskFn:
+  """A ``tail_mask_fn`` marking examples of classes with fewer than eta samples.
+
+  .. math::
+    t_i = [n_{y_i} < \\eta]
+
+  Args:
+    class_counts: 1-D array of training-sample counts per class.
+    eta: tail threshold (default 20, the reference value on CIFAR-100-LT).
+
+  Returns:
+    ``tail_mask_fn(labels) -> bool[labels.shape]``, jit-friendly.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imbsam_jax
+    >>> mask_fn = imbsam_jax.tail_mask_from_counts([500, 50, 5], eta=20)
+    >>> mask_fn(jnp.array([0, 2, 1, 2])).tolist()
+    [False, True, False, True]
+  """
+  return _lookup(tail_classes(class_counts, eta))
+
+
+def soft_tail_weights(
+  class_counts: Any, eta: float = 20, *, temperature: float = 0.5
+) -> np.ndarray:
+  """Soft per-class tail weights in (0, 1) from the class prior.
+
+  A smooth version of ``n_c < eta`` on the log-count scale, so that classes
+  near the threshold are split between the head and the tail objective:
+
+  .. math::
+    t_c = \\sigma\\big((\\log \\eta - \\log n_c) / \\tau\\big)
+
+  ``temperature -> 0`` approaches the hard mask (a class with exactly ``eta``
+  samples gets 0.5); a class with no samples gets weight 1.
+
+  Args:
+    class_counts: 1-D array of training-sample counts per class.
+    eta: count at which a class is half head, half tail.
+    temperature: width of the transition, in natural-log units of count.
+
+  Returns:
+    A float32 NumPy array of shape ``(num_classes,)``.
+
+  Example:
+    >>> import imbsam_jax
+    >>> w = imbsam_jax.soft_tail_weights([500, 20, 5], eta=20, temperature=0.5)
+    >>> [round(float(v), 3) for v in w]
+    [0.002, 0.5, 0.941]
+  """
+  counts = _as_counts(class_counts).astype(np.float64)
+  if eta <= 0:
+    raise ValueError(f"eta must be positive, got {eta}.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be positive, got {temperature}.")
+  with np.errstate(divide="ignore"):
+    logits = (math.log(eta) - np.log(counts)) / temperature
+  return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def soft_tail_mask_from_counts(
+  class_counts: Any, eta: float = 20, *, temperature: float = 0.5
+) -> TailMaskFn:
+  """A ``tail_mask_fn`` giving each example its class's soft tail weight.
+
+  See :func:`soft_tail_weights` for the weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imbsam_jax
+    >>> mask_fn = imbsam_jax.soft_tail_mask_from_counts([500, 20, 5])
+    >>> [round(float(v), 2) for v in mask_fn(jnp.array([2, 1]))]
+    [0.94, 0.5]
+  """
+  return _lookup(soft_tail_weights(class_counts, eta, temperature=temperature))
+
+
+def labeled_anomaly_mask(labels: Any) -> jax.Array:
+  """Tail mask for semi-supervised anomaly detection (Deep SAD labels).
+
+  Labels follow the Deep SAD convention: ``+1`` labeled normal, ``-1`` labeled
+  anomaly, ``0`` unlabeled. The labeled anomalies are the extreme tail:
+
+  .. math::
+    t_i = [y_i = -1]
+
+  Use it directly as ``tail_mask_fn``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imbsam_jax
+    >>> imbsam_jax.labeled_anomaly_mask(jnp.array([0, 1, -1, 0])).tolist()
+    [False, False, True, False]
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(
+      f"labels must be integer Deep SAD labels (+1, -1, 0), got dtype {labels.dtype}."
+    )
+  return labels == LABELED_ANOMALY
+
+
+def long_tail_counts(
+  max_count: int, num_classes: int, imbalance_ratio: float
+) -> np.ndarray:
+  """The exponential long-tail profile of the CIFAR-LT benchmarks.
+
+  .. math::
+    n_c = \\lfloor n_{max} \\cdot (1 / \\mathrm{IR})^{c / (C - 1)} \\rfloor
+
+  as in LDAM-DRW and the ImbSAM reference code (class 0 is the head).
+
+  Args:
+    max_count: ``n_max``, images of the most frequent class.
+    num_classes: ``C``.
+    imbalance_ratio: ``IR = n_max / n_min`` (>= 1; 1 keeps classes balanced).
+
+  Returns:
+    An int64 NumPy array of shape ``(num_classes,)``.
+
+  Example:
+    >>> import imbsam_jax
+    >>> counts = imbsam_jax.long_tail_counts(500, 100, 100)
+    >>> int(counts[0]), int(counts[-1]), int(counts.sum())
+    (500, 5, 10847)
+  """
+  if max_count < 1 or num_classes < 1:
+    raise ValueError("max_count and num_classes must be positive.")
+  if not imbalance_ratio >= 1:
+    raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}.")
+  if num_classes == 1:
+    return np.array([max_count], dtype=np.int64)
+  exponents = np.arange(num_classes) / (num_classes - 1.0)
+  counts = [int(max_count * (1.0 / imbalance_ratio) ** e) for e in exponents]
+  return np.array(counts, dtype=np.int64)
+
+
+def suggest_tail_capacity(
+  class_counts: Any,
+  eta: float,
+  batch_size: int,
+  *,
+  num_std: float = 4.0,
+  multiple: int = 8,
+) -> int:
+  """Suggests ``tail_capacity`` for :func:`imbsam_jax.imbsam`'s fast path.
+
+  With uniform sampling, the number of tail examples in a batch of size ``B``
+  is Binomial(B, p), p the tail share of the training set. The suggestion is
+
+  .. math::
+    k = \\lceil B p + s \\sqrt{B p (1 - p)} \\rceil
+
+  rounded up to a multiple of ``multiple`` and clipped to ``[1, B]``. Batches
+  with more tail examples are still exact (the transform processes the tail
+  in extra chunks), only slower.
+
+  Example:
+    >>> import imbsam_jax
+    >>> counts = imbsam_jax.long_tail_counts(500, 100, 100)
+    >>> imbsam_jax.suggest_tail_capacity(counts, eta=20, batch_size=128)
+    16
+  """
+  counts = _as_counts(class_counts).astype(np.float64)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if multiple < 1:
+    raise ValueError(f"multiple must be positive, got {multiple}.")
+  total = counts.sum()
+  if total <= 0:
+    raise ValueError("class_counts must not all be zero.")
+  p = counts[counts < eta].sum() / total
+  mean = batch_size * p
+  std = math.sqrt(batch_size * p * (1.0 - p))
+  k = math.ceil(mean + num_std * std)
+  k = multiple * math.ceil(max(k, 1) / multiple)
+  return int(min(max(k, 1), batch_size))

@@ -1,0 +1,513 @@
+"""Tests of the imbsam transform against a plain reference computation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import imbsam_jax
+
+BATCH = 16
+NUM_CLASSES = 4
+# Class 3 (and 2 with eta=30) are tail.
+COUNTS = np.array([400, 120, 25, 5])
+
+
+def init_params(key=0, dtype=jnp.float32):
+  k1, k2 = jax.random.split(jax.random.key(key))
+  return {
+    "hidden": {
+      "w": (0.5 * jax.random.normal(k1, (5, 8))).astype(dtype),
+      "b": jnp.zeros((8,), dtype),
+    },
+    "out": {"w": (0.5 * jax.random.normal(k2, (8, NUM_CLASSES))).astype(dtype)},
+  }
+
+
+def loss_fn(params, batch):
+  h = jnp.tanh(batch["x"] @ params["hidden"]["w"] + params["hidden"]["b"])
+  logits = h @ params["out"]["w"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+
+def make_batch(seed, num_tail=3, dtype=jnp.float32):
+  """A batch whose first ``num_tail`` examples are from class 3."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 3, size=BATCH)
+  y[:num_tail] = 3
+  rng.shuffle(y)
+  x = rng.normal(size=(BATCH, 5))
+  return {"x": jnp.asarray(x, dtype), "y": jnp.asarray(y, jnp.int32)}
+
+
+HARD_MASK = imbsam_jax.tail_mask_from_counts(COUNTS, eta=20)
+SOFT_MASK = imbsam_jax.soft_tail_mask_from_counts(COUNTS, eta=30, temperature=0.7)
+
+
+def clean_grads(params, batch):
+  return jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+
+
+def reference_imbsam_grads(
+  params, batch, t, rho, *, scale=1.0, eps=1e-12, adaptive=False
+):
+  """The ImbSAM gradient, written out as in the paper, float64 in numpy."""
+  t = np.asarray(t, np.float64)
+  size = t.shape[0]
+
+  def tail_loss(p):
+    return jnp.sum(t * loss_fn(p, batch)) / size
+
+  def head_loss(p):
+    return jnp.sum((1.0 - t) * loss_fn(p, batch)) / size
+
+  g_tail = jax.grad(tail_loss)(params)
+  if adaptive:
+    scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), g_tail, params)
+  else:
+    scaled = g_tail
+  norm = np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(scaled)))
+  if adaptive:
+    e = jax.tree.map(lambda g, w: rho * g * w**2 / (norm + eps), g_tail, params)
+  else:
+    e = jax.tree.map(lambda g: rho * g / (norm + eps), g_tail)
+  g_adv = jax.grad(tail_loss)(jax.tree.map(jnp.add, params, e))
+  g_head = jax.grad(head_loss)(params)
+  return jax.tree.map(lambda h, a: h + scale * a, g_head, g_adv)
+
+
+def run_imbsam(tx, params, batches, *, jit, **update_kwargs):
+  state = tx.init(params)
+
+  def step(params, state, batch):
+    grads = clean_grads(params, batch)
+    updates, state = tx.update(
+      grads,
+      state,
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      labels=batch["y"],
+      **update_kwargs,
+    )
+    return optax.apply_updates(params, updates), state
+
+  if jit:
+    step = jax.jit(step)
+  for batch in batches:
+    params, state = step(params, state, batch)
+  return params, state
+
+
+def run_reference(base_tx, params, batches, mask_fn, rho, **kwargs):
+  state = base_tx.init(params)
+  for i, batch in enumerate(batches):
+    rho_t = rho(i) if callable(rho) else rho
+    g = reference_imbsam_grads(params, batch, mask_fn(batch["y"]), rho_t, **kwargs)
+    updates, state = base_tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+BASE_OPTIMIZERS = {
+  "sgd": lambda: optax.sgd(0.3),
+  "momentum_nesterov": lambda: optax.sgd(0.2, momentum=0.9, nesterov=True),
+  "adam": lambda: optax.adam(0.05),
+  "adamw": lambda: optax.adamw(0.05, weight_decay=1e-2),
+  "clipped_sgd_wd": lambda: optax.chain(
+    optax.clip_by_global_norm(0.5),
+    optax.add_decayed_weights(1e-3),
+    optax.sgd(optax.cosine_decay_schedule(0.5, 10)),
+  ),
+}
+BATCHES = [make_batch(s, num_tail=n) for s, n in [(0, 3), (1, 1), (2, 5), (3, 2)]]
+
+
+@pytest.mark.parametrize("opt_name", list(BASE_OPTIMIZERS))
+@pytest.mark.parametrize("mask", ["hard", "soft"])
+@pytest.mark.parametrize("rho", [0.05, 0.5])
+def test_matches_reference(opt_name, mask, rho):
+  _check_against_reference(opt_name, mask, rho, jit=True)
+
+
+@pytest.mark.parametrize("mask", ["hard", "soft"])
+def test_matches_reference_unjitted(mask):
+  _check_against_reference("momentum_nesterov", mask, 0.1, jit=False)
+
+
+def _check_against_reference(opt_name, mask, rho, jit):
+  mask_fn = {"hard": HARD_MASK, "soft": SOFT_MASK}[mask]
+  base = BASE_OPTIMIZERS[opt_name]
+  params = init_params()
+  tx = imbsam_jax.imbsam(base(), rho, mask_fn)
+  got, state = run_imbsam(tx, params, BATCHES, jit=jit)
+  want = run_reference(base(), params, BATCHES, mask_fn, rho)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert int(state.count) == len(BATCHES)
+  assert float(state.tail_grad_norm) > 0
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {"tail_loss_scale": 2.0},
+    {"adaptive": True},
+    {"eps": 1e-3},
+  ],
+  ids=["scale2", "adaptive", "eps"],
+)
+def test_options_match_reference(kwargs):
+  params = init_params()
+  tx = imbsam_jax.imbsam(optax.sgd(0.3), 0.1, HARD_MASK, **kwargs)
+  got, _ = run_imbsam(tx, params, BATCHES, jit=True)
+  ref_kwargs = {
+    "scale": kwargs.get("tail_loss_scale", 1.0),
+    "adaptive": kwargs.get("adaptive", False),
+    "eps": kwargs.get("eps", 1e-12),
+  }
+  want = run_reference(optax.sgd(0.3), params, BATCHES, HARD_MASK, 0.1, **ref_kwargs)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rho_schedule():
+  schedule = optax.linear_schedule(0.0, 0.4, transition_steps=3)
+  params = init_params()
+  tx = imbsam_jax.imbsam(optax.sgd(0.3), schedule, HARD_MASK)
+  got, _ = run_imbsam(tx, params, BATCHES, jit=True)
+  want = run_reference(optax.sgd(0.3), params, BATCHES, HARD_MASK, schedule)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 8, 16, 64])
+@pytest.mark.parametrize("mask", ["hard", "soft"])
+def test_tail_capacity_matches_exact(capacity, mask):
+  """The gathered fast path equals the full path, also when the tail overflows."""
+  mask_fn = {"hard": HARD_MASK, "soft": SOFT_MASK}[mask]
+  params = init_params()
+  exact = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, mask_fn)
+  fast = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, mask_fn, tail_capacity=capacity)
+  want, want_state = run_imbsam(exact, params, BATCHES, jit=True)
+  got, got_state = run_imbsam(fast, params, BATCHES, jit=True)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(
+    got_state.tail_grad_norm, want_state.tail_grad_norm, rtol=1e-5
+  )
+
+
+def test_tail_capacity_all_tail_batch():
+  """Every example tail: several chunks cover the whole batch."""
+  params = init_params()
+  batch = make_batch(7, num_tail=BATCH)
+  exact = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, HARD_MASK)
+  fast = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, HARD_MASK, tail_capacity=3)
+  want, _ = run_imbsam(exact, params, [batch], jit=True)
+  got, _ = run_imbsam(fast, params, [batch], jit=True)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_handed_in_tail_grads(capacity):
+  """value_and_tail_grads + tail_grads= gives the same step with fewer passes."""
+  params = init_params()
+  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.1, SOFT_MASK, tail_capacity=capacity)
+  want, _ = run_imbsam(tx, params, BATCHES, jit=True)
+
+  @jax.jit
+  def step(params, state, batch):
+    weights = SOFT_MASK(batch["y"])
+    loss, grads, tail_grads = imbsam_jax.value_and_tail_grads(
+      loss_fn, params, batch, weights
+    )
+    updates, state = tx.update(
+      grads,
+      state,
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      labels=batch["y"],
+      tail_grads=tail_grads,
+    )
+    return optax.apply_updates(params, updates), state, loss
+
+  params_got, state = params, tx.init(params)
+  for batch in BATCHES:
+    params_got, state, loss = step(params_got, state, batch)
+    np.testing.assert_allclose(loss, jnp.mean(loss_fn(params_got, batch)), rtol=0.5)
+  chex.assert_trees_all_close(params_got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_value_and_tail_grads_matches_two_grads():
+  params = init_params()
+  batch = BATCHES[0]
+  t = SOFT_MASK(batch["y"])
+  loss, grads, tail = imbsam_jax.value_and_tail_grads(loss_fn, params, batch, t)
+  np.testing.assert_allclose(loss, jnp.mean(loss_fn(params, batch)), rtol=1e-6)
+  chex.assert_trees_all_close(grads, clean_grads(params, batch), rtol=1e-5, atol=1e-7)
+  want_tail = jax.grad(lambda p: jnp.sum(t * loss_fn(p, batch)) / BATCH)(params)
+  chex.assert_trees_all_close(tail, want_tail, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+@pytest.mark.parametrize("jit", [False, True])
+def test_no_tail_is_exactly_base_step(capacity, jit):
+  """An all-head batch: e = 0, no NaN, and bit-for-bit the base optimizer."""
+  params = init_params()
+  batches = [make_batch(s, num_tail=0) for s in range(3)]
+  tx = imbsam_jax.imbsam(
+    optax.adam(0.05), 0.05, HARD_MASK, tail_capacity=capacity, eps=0.0
+  )
+  got, state = run_imbsam(tx, params, batches, jit=jit)
+  base = optax.adam(0.05)
+
+  def base_step(params, state, batch):
+    updates, state = base.update(clean_grads(params, batch), state, params)
+    return optax.apply_updates(params, updates), state
+
+  if jit:
+    base_step = jax.jit(base_step)
+  want, base_state = params, base.init(params)
+  for batch in batches:
+    want, base_state = base_step(want, base_state, batch)
+  chex.assert_tree_all_finite(got)
+  if jit:  # XLA may fuse the larger program differently: last-bit rounding.
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  else:
+    chex.assert_trees_all_equal(got, want)
+  assert float(state.tail_grad_norm) == 0.0
+  assert float(state.tail_fraction) == 0.0
+
+
+@pytest.mark.parametrize("mask", ["hard", "soft"])
+def test_rho_zero_is_base_step(mask):
+  mask_fn = {"hard": HARD_MASK, "soft": SOFT_MASK}[mask]
+  params = init_params()
+  got, _ = run_imbsam(
+    imbsam_jax.imbsam(optax.sgd(0.3), 0.0, mask_fn), params, BATCHES, jit=True
+  )
+  base = optax.sgd(0.3)
+  want, state = params, base.init(params)
+  for batch in BATCHES:
+    updates, state = base.update(clean_grads(want, batch), state, want)
+    want = optax.apply_updates(want, updates)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_all_tail_is_sam():
+  """With every example in the tail, ImbSAM is SAM (optax.contrib.sam, opaque)."""
+  params = init_params()
+  all_tail = lambda labels: jnp.ones(labels.shape, bool)
+  got, _ = run_imbsam(
+    imbsam_jax.imbsam(optax.sgd(0.3), 0.1, all_tail), params, BATCHES, jit=True
+  )
+
+  sam = optax.contrib.sam(
+    optax.sgd(0.3),
+    optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
+    opaque_mode=True,
+  )
+  want, state = params, sam.init(params)
+  for batch in BATCHES:
+    grad_fn = lambda p, _, b=batch: clean_grads(p, b)
+    updates, state = sam.update(clean_grads(want, batch), state, want, grad_fn=grad_fn)
+    want = optax.apply_updates(want, updates)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_no_recompilation_across_steps():
+  traces = []
+  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.05, HARD_MASK, tail_capacity=4)
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    grads = clean_grads(params, batch)
+    updates, state = tx.update(
+      grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+    return optax.apply_updates(params, updates), state
+
+  params = init_params()
+  state = tx.init(params)
+  for seed, num_tail in enumerate([0, 3, 9, 1, 16]):
+    params, state = step(params, state, make_batch(seed, num_tail=num_tail))
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+
+
+def test_extra_args_inside_chain_and_forwarded():
+  """Unknown kwargs are ignored by imbsam and reach the base optimizer."""
+  base = optax.chain(
+    optax.sgd(0.3), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)
+  )
+  tx = optax.chain(
+    optax.clip_by_global_norm(10.0),
+    imbsam_jax.imbsam(base, 0.05, HARD_MASK),
+  )
+  params = init_params()
+  state = tx.init(params)
+  for batch in BATCHES:
+    grads = clean_grads(params, batch)
+    updates, state = tx.update(
+      grads,
+      state,
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      labels=batch["y"],
+      value=jnp.asarray(10.0),  # reduce_on_plateau's extra arg: never improves
+      unrelated_argument="ignored",
+    )
+    params = optax.apply_updates(params, updates)
+  plateau_state = state[1].base_state[1]
+  assert float(plateau_state.scale) < 1.0  # saw `value`, so it reduced the lr
+
+
+def test_multisteps_inside_imbsam():
+  """imbsam(MultiSteps(sgd, k)): ImbSAM per micro-batch, averaged every k."""
+  params = init_params()
+  tx = imbsam_jax.imbsam(
+    optax.MultiSteps(optax.sgd(0.3), every_k_schedule=2), 0.1, HARD_MASK
+  )
+  got, _ = run_imbsam(tx, params, BATCHES, jit=True)
+  want = params
+  for first, second in zip(BATCHES[::2], BATCHES[1::2], strict=True):
+    g1 = reference_imbsam_grads(want, first, HARD_MASK(first["y"]), 0.1)
+    g2 = reference_imbsam_grads(want, second, HARD_MASK(second["y"]), 0.1)
+    want = jax.tree.map(lambda p, a, b: p - 0.3 * (a + b) / 2, want, g1, g2)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_bfloat16_params_keep_dtype(capacity):
+  params = init_params(dtype=jnp.bfloat16)
+  batches = [make_batch(s, num_tail=3, dtype=jnp.bfloat16) for s in range(3)]
+  tx = imbsam_jax.imbsam(optax.sgd(0.3), 0.05, HARD_MASK, tail_capacity=capacity)
+  got, state = run_imbsam(tx, params, batches, jit=True)
+  chex.assert_trees_all_equal_dtypes(got, params)
+  chex.assert_tree_all_finite(got)
+  assert state.tail_grad_norm.dtype == jnp.float32
+  # Close to the float32 computation from the same (rounded) start.
+  params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  batches32 = [
+    jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, b)
+    for b in batches
+  ]
+  want, _ = run_imbsam(
+    imbsam_jax.imbsam(optax.sgd(0.3), 0.05, HARD_MASK), params32, batches32, jit=True
+  )
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda x: x.astype(jnp.float32), got), want, atol=5e-2
+  )
+
+
+def test_deterministic():
+  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.05, SOFT_MASK, tail_capacity=2)
+  first, _ = run_imbsam(tx, init_params(), BATCHES, jit=True)
+  second, _ = run_imbsam(tx, init_params(), BATCHES, jit=True)
+  chex.assert_trees_all_equal(first, second)
+
+
+def test_state_diagnostics():
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  params = init_params()
+  batch = make_batch(0, num_tail=4)
+  _, state = run_imbsam(tx, params, [batch], jit=True)
+  assert float(state.tail_fraction) == pytest.approx(4 / BATCH)
+  t = HARD_MASK(batch["y"]).astype(jnp.float32)
+  g_tail = jax.grad(lambda p: jnp.sum(t * loss_fn(p, batch)) / BATCH)(params)
+  assert float(state.tail_grad_norm) == pytest.approx(
+    float(optax.tree.norm(g_tail)), rel=1e-5
+  )
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+def _update(tx, **kwargs):
+  params = init_params()
+  batch = BATCHES[0]
+  defaults = {"loss_fn": loss_fn, "batch": batch, "labels": batch["y"]}
+  defaults.update(kwargs)
+  return tx.update(clean_grads(params, batch), tx.init(params), params, **defaults)
+
+
+@pytest.mark.parametrize("missing", ["loss_fn", "batch", "labels"])
+def test_missing_extra_args(missing):
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  with pytest.raises(ValueError, match=missing):
+    _update(tx, **{missing: None})
+
+
+def test_missing_params():
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  params = init_params()
+  with pytest.raises(ValueError, match="params"):
+    tx.update(
+      params,
+      tx.init(params),
+      None,
+      loss_fn=loss_fn,
+      batch=BATCHES[0],
+      labels=BATCHES[0]["y"],
+    )
+
+
+@pytest.mark.parametrize(
+  "bad_loss_fn, match",
+  [
+    (lambda p, b: jnp.mean(loss_fn(p, b)), "per-example"),
+    (lambda p, b: loss_fn(p, b)[:-1], "per-example"),
+    (lambda p, b: loss_fn(p, b)[:, None], "per-example"),
+  ],
+  ids=["scalar", "short", "2d"],
+)
+def test_bad_loss_fn(bad_loss_fn, match):
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  with pytest.raises(ValueError, match=match):
+    _update(tx, loss_fn=bad_loss_fn)
+
+
+@pytest.mark.parametrize(
+  "mask_fn, error",
+  [
+    (lambda y: jnp.ones((BATCH + 1,), bool), ValueError),
+    (lambda y: jnp.ones((BATCH, 1), bool), ValueError),
+    (lambda y: jnp.ones((), bool), ValueError),
+    (lambda y: (y == 3).astype(jnp.int32), TypeError),
+  ],
+  ids=["long", "2d", "scalar", "int"],
+)
+def test_bad_tail_mask(mask_fn, error):
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, mask_fn)
+  with pytest.raises(error, match="tail_mask_fn"):
+    _update(tx)
+
+
+def test_inconsistent_batch():
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  batch = {"x": BATCHES[0]["x"], "y": BATCHES[0]["y"][:-1]}
+  with pytest.raises(ValueError, match="leading axis"):
+    _update(tx, batch=batch)
+
+
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
+    ({"rho": -0.1}, ValueError, "rho"),
+    ({"rho": float("nan")}, ValueError, "rho"),
+    ({"rho": "big"}, TypeError, "rho"),
+    ({"tail_capacity": 0}, ValueError, "tail_capacity"),
+    ({"tail_capacity": 2.5}, ValueError, "tail_capacity"),
+    ({"eps": -1.0}, ValueError, "eps"),
+    ({"tail_loss_scale": -1.0}, ValueError, "tail_loss_scale"),
+    ({"base_tx": optax.sgd}, TypeError, "base_tx"),
+    ({"tail_mask_fn": np.ones(3)}, TypeError, "tail_mask_fn"),
+  ],
+)
+def test_bad_construction(kwargs, error, match):
+  args = {"base_tx": optax.sgd(0.1), "rho": 0.05, "tail_mask_fn": HARD_MASK}
+  args.update(kwargs)
+  with pytest.raises(error, match=match):
+    imbsam_jax.imbsam(**args)
