@@ -1,0 +1,11 @@
+"""Toolbox shared by the example applications (not imported by ``imbsam_jax``).
+
+Modules, each imported on its own so that a script pays only for what it uses:
+
+* ``data``: one loader per data source (scikit-learn digits, TFDS, ``folder:``,
+  ``npz:``), long-tail subsampling and deterministic batch iterators.
+* ``metrics``: per-class and Many/Medium/Few accuracy, AUROC and ROC curves.
+* ``models``, ``training``, ``plots``: Flax models, train/eval steps, figures.
+
+These need the ``examples`` extra: ``pip install 'imbsam_jax[examples]'``.
+"""

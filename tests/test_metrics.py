@@ -1,0 +1,164 @@
+"""Tests for imbsam_jax.recipes.metrics."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from imbsam_jax._priors import long_tail_counts
+from imbsam_jax.recipes import metrics
+
+# ---------------------------------------------------------------- accuracy
+
+
+def test_accuracy_indices_and_logits():
+  assert metrics.accuracy([0, 1, 1, 2], [0, 1, 2, 2]) == 0.75
+  logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 4.0]])
+  assert metrics.accuracy(logits, [0, 1, 1]) == pytest.approx(2 / 3)
+  assert metrics.accuracy(jnp.array([1, 1]), jnp.array([1, 0])) == 0.5
+  assert np.isnan(metrics.accuracy([], []))
+  with pytest.raises(ValueError, match="differ"):
+    metrics.accuracy([0, 1], [0])
+
+
+def test_per_class_accuracy_hand_computed():
+  labels = [0, 0, 0, 1, 1, 3]
+  predictions = [0, 1, 0, 1, 0, 3]
+  acc = metrics.per_class_accuracy(predictions, labels, num_classes=4)
+  assert acc.shape == (4,) and acc.dtype == np.float64
+  np.testing.assert_allclose(acc[[0, 1, 3]], [2 / 3, 1 / 2, 1.0])
+  assert np.isnan(acc[2])  # class 2 has no test example
+  # Logits give the same; JAX arrays are accepted.
+  logits = np.eye(4)[predictions] * 5.0
+  np.testing.assert_array_equal(
+    metrics.per_class_accuracy(jnp.asarray(logits), jnp.asarray(labels), 4), acc
+  )
+
+
+def test_per_class_accuracy_matches_sklearn_recall():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 7, 500)
+  predictions = np.where(rng.random(500) < 0.6, labels, rng.integers(0, 7, 500))
+  acc = metrics.per_class_accuracy(predictions, labels, 7)
+  expected = skm.recall_score(labels, predictions, average=None, labels=range(7))
+  np.testing.assert_allclose(acc, expected, rtol=1e-12)
+  # Balanced test set: mean per-class accuracy == balanced accuracy.
+  assert np.mean(acc) == pytest.approx(skm.balanced_accuracy_score(labels, predictions))
+
+
+def test_per_class_accuracy_errors():
+  with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+    metrics.per_class_accuracy([0, 1], [0, 3], 3)
+  with pytest.raises(ValueError, match="logits"):
+    metrics.per_class_accuracy(np.zeros((2, 2, 2)), [0, 1], 2)
+
+
+# ---------------------------------------------------- Many / Medium / Few
+
+
+def test_class_splits_boundaries():
+  counts = [101, 100, 99, 21, 20, 19, 0]
+  splits = metrics.class_splits(counts)
+  np.testing.assert_array_equal(splits["many"], [1, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(splits["medium"], [0, 1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(splits["few"], [0, 0, 0, 0, 0, 1, 1])
+  custom = metrics.class_splits(counts, many_threshold=20, few_threshold=20)
+  np.testing.assert_array_equal(custom["medium"], [0, 0, 0, 0, 1, 0, 0])
+  with pytest.raises(ValueError, match="exceeds"):
+    metrics.class_splits(counts, many_threshold=10, few_threshold=20)
+
+
+def test_split_accuracy_boundaries_exactly_20_and_100():
+  acc = [0.9, 0.8, 0.6, 0.4, 0.2]
+  result = metrics.split_accuracy(acc, [101, 100, 20, 19, 5])
+  assert result["many"] == pytest.approx(0.9)
+  assert result["medium"] == pytest.approx(0.7)  # 100 and 20 are Medium
+  assert result["few"] == pytest.approx(0.3)
+  assert list(result) == ["many", "medium", "few"]
+
+
+def test_split_accuracy_empty_splits_and_absent_classes():
+  assert metrics.split_accuracy([0.5, 0.7], [500, 300]) == {
+    "many": pytest.approx(0.6),
+    "medium": None,
+    "few": None,
+  }
+  # A Few class with no test example is left out; none left -> None.
+  result = metrics.split_accuracy([0.5, np.nan, 0.2, np.nan], [500, 50, 50, 5])
+  assert result == {"many": 0.5, "medium": 0.2, "few": None}
+  with pytest.raises(ValueError, match="differ"):
+    metrics.split_accuracy([0.5], [1, 2])
+
+
+def test_split_accuracy_end_to_end_on_cifar100_lt_profile():
+  counts = long_tail_counts(500, 100, 100)
+  splits = metrics.class_splits(counts)
+  # PAPER.md: the 30 classes with 5..19 images are Few (= ImbSAM's tail).
+  assert splits["few"].sum() == 30
+  assert splits["many"].sum() + splits["medium"].sum() == 70
+  rng = np.random.default_rng(1)
+  labels = np.repeat(np.arange(100), 100)  # balanced test set
+  predictions = np.where(rng.random(labels.size) < 0.5, labels, 0)
+  acc = metrics.per_class_accuracy(predictions, labels, 100)
+  result = metrics.split_accuracy(acc, counts)
+  for split, mask in splits.items():
+    assert result[split] == pytest.approx(
+      np.mean(predictions[mask[labels]] == labels[mask[labels]])
+    )
+
+
+# ------------------------------------------------------------------- AUROC
+
+
+def test_auroc_hand_computed():
+  assert metrics.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+  assert metrics.auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+  assert metrics.auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+  assert metrics.auroc([5, 5, 5, 5], [0, 1, 0, 1]) == 0.5
+  # Ties count 1/2: pairs (anomaly, normal): (2,1) win, (2,2) tie, (3,*) wins.
+  assert metrics.auroc([1, 2, 2, 3], [0, 0, 1, 1]) == pytest.approx(7 / 8)
+  assert metrics.auroc([-np.inf, 0.0, np.inf], [0, 1, 1]) == 1.0
+  assert metrics.auroc(jnp.array([0.2, 0.9]), jnp.array([False, True])) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_and_roc_curve_match_sklearn_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  n = 200
+  is_anomaly = rng.random(n) < 0.2
+  # Coarse scores: many ties, shifted up for anomalies.
+  scores = np.round(rng.normal(size=n) + is_anomaly, 1)
+  assert len(np.unique(scores)) < n
+  expected = skm.roc_auc_score(is_anomaly, scores)
+  assert metrics.auroc(scores, is_anomaly) == pytest.approx(expected, abs=1e-12)
+  fpr, tpr = metrics.roc_curve(scores, is_anomaly)
+  sk_fpr, sk_tpr, _ = skm.roc_curve(is_anomaly, scores, drop_intermediate=False)
+  np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+  np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+  assert np.trapezoid(tpr, fpr) == pytest.approx(expected, abs=1e-12)
+
+
+def test_roc_curve_hand_computed():
+  fpr, tpr = metrics.roc_curve([1, 2, 2, 3], [0, 0, 1, 1])
+  np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+  np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
+  assert fpr.dtype == tpr.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+  "scores,is_anomaly,match",
+  [
+    ([0.1, 0.2], [1, 1], "both anomalies and normal"),
+    ([0.1, 0.2], [0, 0], "both anomalies and normal"),
+    ([0.1, np.nan], [0, 1], "NaN"),
+    ([0.1, 0.2, 0.3], [0, 1], "one length"),
+    (np.zeros((2, 2)), np.zeros((2, 2)), "1-D"),
+  ],
+)
+def test_auroc_and_roc_curve_errors(scores, is_anomaly, match):
+  with pytest.raises(ValueError, match=match):
+    metrics.auroc(scores, is_anomaly)
+  with pytest.raises(ValueError, match=match):
+    metrics.roc_curve(scores, is_anomaly)
