@@ -3,6 +3,7 @@
 from imbsam_jax._imbsam import ImbSAMState, imbsam, value_and_tail_grads
 from imbsam_jax._priors import (
   LABELED_ANOMALY,
+  TailMaskFn,
   labeled_anomaly_mask,
   long_tail_counts,
   soft_tail_mask_from_counts,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
   "LABELED_ANOMALY",
   "ImbSAMState",
+  "TailMaskFn",
   "imbsam",
   "labeled_anomaly_mask",
   "long_tail_counts",

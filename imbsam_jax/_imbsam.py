@@ -435,13 +435,14 @@ def imbsam(
 
 
 def value_and_tail_grads(
-  loss_fn: LossFn,
+  loss_fn: Callable[..., Any],
   params: optax.Params,
   batch: Any,
   tail_weights: jax.Array,
   *,
+  has_aux: bool = False,
   axis_name: str | None = None,
-) -> tuple[jax.Array, optax.Updates, optax.Updates]:
+) -> tuple[Any, optax.Updates, optax.Updates]:
   """Mean loss, its gradient and the tail gradient from a single forward pass.
 
   .. math::
@@ -454,15 +455,19 @@ def value_and_tail_grads(
   then costs 2 forwards and 3 backwards, like the reference implementation.
 
   Args:
-    loss_fn: ``(params, batch) -> (B,)`` per-example losses.
+    loss_fn: ``(params, batch) -> (B,)`` per-example losses, or
+      ``-> ((B,), aux)`` with ``has_aux=True`` (e.g. updated BatchNorm
+      statistics of this clean pass).
     params: parameters.
     batch: pytree with the batch as leading axis of every leaf.
     tail_weights: ``(B,)`` tail weights, e.g. ``tail_mask_fn(labels)``.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
     axis_name: inside ``shard_map``/``pmap``, the batch axis: the gradients
       are then per-device (imbsam averages them); the loss is per-device too.
 
   Returns:
-    ``(mean_loss, grads, tail_grads)``.
+    ``(mean_loss, grads, tail_grads)``, or ``((mean_loss, aux), grads,
+    tail_grads)`` with ``has_aux=True``.
 
   Example:
     >>> import jax, jax.numpy as jnp, imbsam_jax
@@ -476,14 +481,15 @@ def value_and_tail_grads(
   """
   size = _batch_size(batch)
   weights = _tail_weights(tail_weights, size)
-  _check_losses(loss_fn, params, batch, size)
-  losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), _to_varying(params, axis_name))
-  losses32 = losses.astype(jnp.float32)
-  ones = jnp.ones_like(losses32)
-  cotangents = jnp.stack(
-    [ones / size, jnp.where(weights > 0, weights, 0.0) / size]
-  ).astype(losses.dtype)
-  (stacked,) = jax.vmap(vjp_fn)(cotangents)
+  losses_only = (lambda p, b: loss_fn(p, b)[0]) if has_aux else loss_fn
+  _check_losses(losses_only, params, batch, size)
+  out = jax.vjp(
+    lambda p: loss_fn(p, batch), _to_varying(params, axis_name), has_aux=has_aux
+  )
+  losses, vjp_fn = out[0], out[1]
+  cotangents = jnp.stack([jnp.ones((size,), jnp.float32), weights]) / size
+  (stacked,) = jax.vmap(vjp_fn)(cotangents.astype(losses.dtype))
   grads = jax.tree.map(lambda g: g[0], stacked)
   tail_grads = jax.tree.map(lambda g: g[1], stacked)
-  return jnp.mean(losses32), grads, tail_grads
+  mean_loss = jnp.mean(losses.astype(jnp.float32))
+  return ((mean_loss, out[2]) if has_aux else mean_loss), grads, tail_grads
