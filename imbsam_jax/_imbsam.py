@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from imbsam_jax._priors import TailMaskFn
 
@@ -118,7 +119,14 @@ def _to_varying(tree: Any, axis_name: str | None) -> Any:
     return tree
   pcast = getattr(jax.lax, "pcast", None)
   if pcast is not None:
-    return jax.tree.map(lambda x: pcast(x, axis_name, to="varying"), tree)
+
+    def cast(x):
+      try:
+        return pcast(x, axis_name, to="varying")
+      except ValueError:  # already device-varying (per-device perturbed params)
+        return x
+
+    return jax.tree.map(cast, tree)
   pvary = getattr(jax.lax, "pvary", None)
   if pvary is not None:  # older jax
     return jax.tree.map(lambda x: pvary(x, axis_name), tree)
@@ -139,9 +147,27 @@ def _tail_grad_fn(
   return lambda p, b, w: grad_fn(_to_varying(p, axis_name), b, w)
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+  """Whether x's type carries a sharded axis (a mesh with Explicit axes)."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except (AttributeError, TypeError):  # older jax: no sharding in types
+    return False
+  return any(axis is not None for axis in spec)
+
+
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """``x[idx]`` along axis 0; the k gathered rows are replicated."""
+  if _explicitly_sharded(x):
+    return x.at[idx].get(out_sharding=PartitionSpec())
+  return jnp.take(x, idx, axis=0)
+
+
 def _tail_order(weights: jax.Array, capacity: int) -> jax.Array:
   """Indices of the tail examples first (stable), padded to a multiple of k."""
   size = weights.shape[0]
+  if _explicitly_sharded(weights):  # sort needs the whole axis on each device
+    weights = jax.sharding.reshard(weights, PartitionSpec())
   order = jnp.argsort(weights <= 0, stable=True)
   padded = capacity * math.ceil(size / capacity)
   return jnp.pad(order, (0, padded - size))
@@ -168,8 +194,8 @@ def _chunked_tail_grad(
   def chunk_grad(start):
     idx = jax.lax.dynamic_slice(order, (start,), (capacity,))
     valid = positions + start < num_tail
-    chunk_weights = jnp.where(valid, weights[idx], 0.0)
-    chunk = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch)
+    chunk_weights = jnp.where(valid, _take_rows(weights, idx), 0.0)
+    chunk = jax.tree.map(lambda x: _take_rows(x, idx), batch)
     return grad_fn(params, chunk, chunk_weights)
 
   first = chunk_grad(0)
@@ -200,6 +226,7 @@ def imbsam(
   tail_loss_scale: float = 1.0,
   adaptive: bool = False,
   axis_name: str | None = None,
+  per_device_perturbation: bool = False,
   tail_capacity: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Class-imbalanced sharpness-aware minimization (ImbSAM).
@@ -242,16 +269,23 @@ def imbsam(
   :math:`e = \\rho\\, |w|^2 \\odot g_T / (\\| |w| \\odot g_T \\|_2 + \\epsilon)`.
 
   Multi-device: under ``jax.jit`` with sharded inputs nothing is needed, the
-  computation is global. Inside ``shard_map`` or ``pmap``, set ``axis_name`` to
-  the batch axis: the tail gradient is averaged over it before the norm (one
-  global perturbation), and the gradient handed to ``base_tx`` is averaged, so
-  the result equals the single-device one for the same global batch. ``grads``
-  may then be per-device (as ``pmap`` gives) or already averaged; under
-  ``shard_map`` take it with respect to device-varying params or of
-  ``lax.pmean(loss)`` (a plain per-device loss w.r.t. replicated params gives
-  the *sum* over devices). With ``axis_name=None`` inside ``shard_map``/``pmap``
-  each device perturbs with its own tail gradient ("m-sharpness", as
-  google-research/sam does by default), a deliberate choice.
+  computation is global (with ``tail_capacity``, the tail examples are gathered
+  from the global batch, so ``k`` is a global capacity). Inside ``shard_map`` or
+  ``pmap``, set ``axis_name`` to the batch axis: the tail gradient is averaged
+  over it before the norm (one global perturbation), and the gradient handed to
+  ``base_tx`` is averaged, so the result equals the single-device one for the
+  same global batch (``tail_capacity`` is then per device). ``grads`` may be
+  per-device (as ``pmap`` gives) or already averaged; under ``shard_map`` take
+  it with respect to device-varying params (``value_and_tail_grads(...,
+  axis_name=...)`` does) or of ``lax.pmean(loss)``: a per-device loss
+  differentiated w.r.t. replicated params gives the *sum* over devices.
+  ``per_device_perturbation=True`` (with ``axis_name``) makes each device
+  perturb along its own tail gradient ("m-sharpness", the default of
+  google-research/sam) while the final gradient is still averaged; a
+  deliberate choice, not the paper's global perturbation. ``axis_name=None``
+  inside ``pmap`` issues no collectives at all: each device perturbs with its
+  own tail gradient and ``base_tx`` sees per-device gradients (average them
+  there to keep replicas in sync).
 
   BatchNorm: ``loss_fn`` is pure, so whatever statistics the adversarial passes
   compute are discarded; keep the running statistics of the caller's clean
@@ -271,6 +305,8 @@ def imbsam(
     tail_loss_scale: ``s``, the weight of the perturbed tail loss.
     adaptive: use the scale-invariant ASAM perturbation.
     axis_name: batch axis to average over inside ``shard_map``/``pmap``.
+    per_device_perturbation: with ``axis_name``, perturb each device along its
+      own (unaveraged) tail gradient: m-sharpness.
     tail_capacity: if set, run the two tail passes on at most this many tail
       examples gathered from the batch (static shapes). A batch with more tail
       examples is processed in several chunks: exact, only slower. Requires
@@ -334,6 +370,8 @@ def imbsam(
     raise ValueError(
       f"tail_capacity must be a positive int or None, got {tail_capacity!r}."
     )
+  if per_device_perturbation and axis_name is None:
+    raise ValueError("per_device_perturbation=True needs axis_name.")
   base_tx = optax.with_extra_args_support(base_tx)
 
   def init_fn(params: optax.Params) -> ImbSAMState:
@@ -388,25 +426,28 @@ def imbsam(
 
     if tail_grads is None:
       tail_grads = tail_grad_at(params)
+    local_tail_grads = tail_grads
     tail_grads = _pmean(tail_grads, axis_name)
+    # m-sharpness: each device perturbs along its own tail gradient.
+    direction = local_tail_grads if per_device_perturbation else tail_grads
 
     if adaptive:
-      scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), tail_grads, params)
+      scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), direction, params)
       norm = _global_norm_f32(scaled)
     else:
-      norm = _global_norm_f32(tail_grads)
+      norm = _global_norm_f32(direction)
     rho_t = rho(state.count) if callable(rho) else rho
     # An all-head batch has norm 0: e = 0 exactly, even with eps = 0.
     scale = jnp.where(norm > 0, rho_t / jnp.where(norm > 0, norm + eps, 1.0), 0.0)
     if adaptive:
       perturbation = jax.tree.map(
         lambda g, w: (scale * g * jnp.square(w)).astype(w.dtype),
-        tail_grads,
+        direction,
         params,
       )
     else:
       perturbation = jax.tree.map(
-        lambda g, w: (scale * g).astype(w.dtype), tail_grads, params
+        lambda g, w: (scale * g).astype(w.dtype), direction, params
       )
     perturbed = jax.tree.map(jnp.add, params, perturbation)
     adv_grads = _pmean(tail_grad_at(perturbed), axis_name)
@@ -427,7 +468,7 @@ def imbsam(
     return new_updates, ImbSAMState(
       count=optax.safe_increment(state.count),
       base_state=base_state,
-      tail_grad_norm=norm,
+      tail_grad_norm=_pmean(norm, axis_name) if per_device_perturbation else norm,
       tail_fraction=tail_fraction,
     )
 

@@ -40,8 +40,14 @@ def _as_counts(class_counts: Any) -> np.ndarray:
 
 
 def _lookup(per_class: np.ndarray) -> TailMaskFn:
-  """Returns ``labels -> per_class[labels]`` with a shape/dtype check."""
-  table = jnp.asarray(per_class)
+  """Returns ``labels -> per_class[labels]`` with a shape/dtype check.
+
+  The lookup is a one-hot comparison rather than a gather, so that it keeps the
+  sharding of ``labels`` under any mesh (a gather from a replicated table with
+  sharded indices needs an explicit output sharding under Explicit mesh axes).
+  Labels outside ``[0, num_classes)`` get weight 0 (head).
+  """
+  classes = np.arange(per_class.shape[0])
 
   def tail_mask_fn(labels: Any) -> jax.Array:
     labels = jnp.asarray(labels)
@@ -49,7 +55,10 @@ def _lookup(per_class: np.ndarray) -> TailMaskFn:
       raise TypeError(
         f"labels must be integer class indices, got dtype {labels.dtype}."
       )
-    return table[labels]
+    one_hot = labels[..., None] == classes
+    if per_class.dtype == np.bool_:
+      return jnp.any(one_hot & per_class, axis=-1)
+    return jnp.sum(jnp.where(one_hot, per_class, 0), axis=-1).astype(per_class.dtype)
 
   return tail_mask_fn
 
