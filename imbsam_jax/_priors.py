@@ -143,7 +143,7 @@ def soft_tail_weights(
     raise ValueError(f"temperature must be positive, got {temperature}.")
   with np.errstate(divide="ignore"):
     logits = (math.log(eta) - np.log(counts)) / temperature
-  return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+  return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)  # stable sigmoid
 
 
 def soft_tail_mask_from_counts(

@@ -1,0 +1,111 @@
+"""Tests of the class-prior helpers (tail masks, long-tail profile)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import imbsam_jax
+
+
+def test_tail_mask_is_strict_and_jittable():
+  counts = [500, 100, 20, 19, 5, 0]
+  mask_fn = imbsam_jax.tail_mask_from_counts(counts, eta=20)
+  labels = jnp.array([0, 1, 2, 3, 4, 5, 3])
+  want = [False, False, False, True, True, True, True]
+  assert mask_fn(labels).tolist() == want
+  assert jax.jit(mask_fn)(labels).tolist() == want
+  assert mask_fn(labels).dtype == jnp.bool_
+
+
+def test_cifar100_lt_tail_is_the_few_split():
+  counts = imbsam_jax.long_tail_counts(500, 100, 100)
+  tail = imbsam_jax.tail_classes(counts, eta=20)
+  assert tail.sum() == 30  # the reference's 30 tail classes, 5..19 images each
+  assert counts[tail].min() == 5 and counts[tail].max() == 19
+  assert counts[tail].sum() / counts.sum() == pytest.approx(0.028, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+  "max_count, classes, ratio, total",
+  [
+    (5000, 10, 100, 12406),
+    (5000, 10, 50, 13996),
+    (500, 100, 100, 10847),
+    (500, 100, 1, 50000),
+  ],
+)
+def test_long_tail_counts_match_the_benchmarks(max_count, classes, ratio, total):
+  counts = imbsam_jax.long_tail_counts(max_count, classes, ratio)
+  assert counts.sum() == total
+  assert counts[0] == max_count
+  assert np.all(np.diff(counts) <= 0)
+
+
+def test_soft_weights():
+  counts = np.array([5000, 200, 40, 20, 10, 1, 0])
+  w = imbsam_jax.soft_tail_weights(counts, eta=20, temperature=0.5)
+  assert np.all(np.diff(w) > 0)  # rarer classes are more tail
+  assert w[3] == pytest.approx(0.5)
+  assert w[-1] == 1.0 and 0 < w[0] < 1e-3
+  sharp = imbsam_jax.soft_tail_weights(counts, eta=20, temperature=1e-3)
+  np.testing.assert_array_equal(
+    sharp[[0, 1, 2, 4, 5, 6]] > 0.5, counts[[0, 1, 2, 4, 5, 6]] < 20
+  )
+  mask_fn = imbsam_jax.soft_tail_mask_from_counts(counts, eta=20)
+  np.testing.assert_allclose(mask_fn(jnp.arange(7)), w, rtol=1e-6)
+  assert mask_fn(jnp.arange(7)).dtype == jnp.float32
+
+
+def test_labeled_anomaly_mask():
+  labels = jnp.array([1, 0, -1, 0, -1])
+  assert imbsam_jax.labeled_anomaly_mask(labels).tolist() == [
+    False,
+    False,
+    True,
+    False,
+    True,
+  ]
+  with pytest.raises(TypeError, match="integer"):
+    imbsam_jax.labeled_anomaly_mask(jnp.array([1.0, -1.0]))
+
+
+def test_out_of_range_labels_are_head():
+  mask_fn = imbsam_jax.tail_mask_from_counts([100, 5], eta=20)
+  assert mask_fn(jnp.array([1, 2, -1])).tolist() == [True, False, False]
+
+
+def test_suggest_tail_capacity():
+  counts = imbsam_jax.long_tail_counts(500, 100, 100)
+  k = imbsam_jax.suggest_tail_capacity(counts, eta=20, batch_size=128)
+  p = 0.0281
+  assert k >= 128 * p + 4 * np.sqrt(128 * p * (1 - p)) and k % 8 == 0
+  assert imbsam_jax.suggest_tail_capacity(counts, eta=1, batch_size=128) == 8
+  assert imbsam_jax.suggest_tail_capacity([1, 1], eta=5, batch_size=12) == 12
+  assert imbsam_jax.suggest_tail_capacity(counts, 20, 128, multiple=1, num_std=0) == 4
+
+
+@pytest.mark.parametrize(
+  "counts, error",
+  [
+    ([[1, 2], [3, 4]], ValueError),
+    ([], ValueError),
+    ([10, -1], ValueError),
+    ([10, float("nan")], ValueError),
+    (["a", "b"], TypeError),
+  ],
+)
+def test_bad_counts(counts, error):
+  with pytest.raises(error, match="class_counts"):
+    imbsam_jax.tail_mask_from_counts(counts, eta=20)
+
+
+def test_bad_arguments():
+  with pytest.raises(TypeError, match="integer"):
+    imbsam_jax.tail_mask_from_counts([10, 1], eta=5)(jnp.array([0.0, 1.0]))
+  with pytest.raises(ValueError, match="imbalance_ratio"):
+    imbsam_jax.long_tail_counts(500, 10, 0.5)
+  with pytest.raises(ValueError, match="temperature"):
+    imbsam_jax.soft_tail_weights([10, 1], temperature=0)
+  with pytest.raises(ValueError, match="batch_size"):
+    imbsam_jax.suggest_tail_capacity([10, 1], eta=5, batch_size=0)
