@@ -1,0 +1,258 @@
+"""Figures of the example applications, saved as PNG files.
+
+Each function takes plain arrays or dicts of arrays (one entry per method, e.g.
+``{"sgd": ..., "sam": ..., "imbsam": ...}``), draws one figure, writes it and
+returns the path written. Figures are built with :class:`matplotlib.figure.Figure`
+and rendered by the Agg canvas: no pyplot, no global backend or figure state, so
+the functions work headless, in threads and in tests.
+
+Where a method has several runs (seeds), pass a 2-D array ``(runs, points)``: the
+line is the mean over runs and a shaded band spans the runs' minimum to maximum.
+
+* :func:`plot_per_class_accuracy`: test accuracy of each class against its number
+  of training images (log x), the long-tailed picture.
+* :func:`plot_history`: a per-epoch quantity (training loss, accuracy, AUROC).
+* :func:`plot_roc_curves`: ROC curves with their areas, for anomaly detection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+#: Resolution of the saved PNGs.
+DPI = 120
+_FIGSIZE = (6.4, 4.2)
+
+
+def _runs(values: Any, name: str, length: int | None = None) -> np.ndarray:
+  """``values`` as a float ``(runs, points)`` array (1-D input is one run)."""
+  array = np.asarray(values, np.float64)
+  if array.ndim == 1:
+    array = array[None]
+  if array.ndim != 2 or array.shape[0] == 0:
+    raise ValueError(
+      f"{name}: expected shape (points,) or (runs, points), got {array.shape}."
+    )
+  if length is not None and array.shape[1] != length:
+    raise ValueError(f"{name}: expected {length} points, got {array.shape[1]}.")
+  return array
+
+
+def _new_figure() -> tuple[Figure, Any]:
+  figure = Figure(figsize=_FIGSIZE, layout="constrained")
+  FigureCanvasAgg(figure)
+  return figure, figure.add_subplot()
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=DPI, format="png")
+  return path
+
+
+def _mean_and_band(ax: Any, x: np.ndarray, runs: np.ndarray, label: str, **kw):
+  """Draws the mean over runs as a line and their min..max as a band."""
+  with _ignore_all_nan():
+    mean = np.nanmean(runs, axis=0)
+    low, high = np.nanmin(runs, axis=0), np.nanmax(runs, axis=0)
+  (line,) = ax.plot(x, mean, label=label, **kw)
+  if runs.shape[0] > 1:
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, lw=0)
+  return line
+
+
+@contextlib.contextmanager
+def _ignore_all_nan() -> Iterator[None]:
+  """Silences NumPy's "all-NaN slice" warnings (such points are not drawn)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    yield
+
+
+def plot_per_class_accuracy(
+  train_counts: Any,
+  per_class: Mapping[str, Any],
+  path: str | os.PathLike[str],
+  *,
+  thresholds: Mapping[str, float] | None = None,
+  title: str | None = None,
+) -> Path:
+  """Per-class test accuracy against training-sample count, one line per method.
+
+  The x axis is the number of training images of a class (log scale). Classes
+  sharing a count are averaged into one point of the line; each class is also
+  drawn as a faint dot. With several runs per method, the line is the mean over
+  runs and the band spans the runs' minimum to maximum. Classes without training
+  images (not drawable on a log axis) and NaN accuracies (classes without test
+  images) are left out.
+
+  Args:
+    train_counts: ``(C,)`` training images per class.
+    per_class: method name -> accuracies in [0, 1], ``(C,)`` or ``(runs, C)``.
+    path: the PNG file to write (parent directories are created).
+    thresholds: label -> count, drawn as labelled vertical dashed lines (e.g.
+      the Few / Many split thresholds).
+    title: figure title.
+
+  Returns:
+    ``path`` as a :class:`pathlib.Path`.
+
+  Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "acc.png"
+    >>> plot_per_class_accuracy([100, 30, 5], {"sgd": [0.9, 0.6, 0.1]}, out).name
+    'acc.png'
+  """
+  counts = np.asarray(train_counts, np.float64)
+  if counts.ndim != 1:
+    raise ValueError(f"train_counts must be 1-D, got shape {counts.shape}.")
+  if not per_class:
+    raise ValueError("per_class is empty.")
+  drawn = counts > 0
+  distinct = np.unique(counts[drawn])  # ascending
+  figure, ax = _new_figure()
+  for name, values in per_class.items():
+    runs = _runs(values, f"per_class[{name!r}]", len(counts))
+    # One point per distinct count: the mean over the classes with that count.
+    grouped = np.stack(
+      [_nanmean_columns(runs[:, counts == c]) for c in distinct], axis=1
+    )
+    line = _mean_and_band(ax, distinct, grouped, name, marker="o", ms=4)
+    with _ignore_all_nan():
+      class_means = np.nanmean(runs, axis=0)
+    ax.scatter(
+      counts[drawn], class_means[drawn], s=10, color=line.get_color(), alpha=0.35
+    )
+  for label, count in (thresholds or {}).items():
+    ax.axvline(count, color="0.5", ls="--", lw=0.8)
+    ax.annotate(
+      label,
+      (count, 1.0),
+      xycoords=("data", "axes fraction"),
+      xytext=(3, -3),
+      textcoords="offset points",
+      ha="left",
+      va="top",
+      fontsize=8,
+      color="0.35",
+      rotation=90,
+    )
+  ax.set_xscale("log")
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_xlabel("training images of the class (log scale)")
+  ax.set_ylabel("test accuracy of the class")
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(loc="lower right")
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(figure, path)
+
+
+def _nanmean_columns(block: np.ndarray) -> np.ndarray:
+  """Row-wise mean over the columns of ``block`` that are not NaN."""
+  with _ignore_all_nan():
+    return np.nanmean(block, axis=1)
+
+
+def plot_history(
+  histories: Mapping[str, Any],
+  path: str | os.PathLike[str],
+  *,
+  ylabel: str,
+  xlabel: str = "epoch",
+  title: str | None = None,
+  log_y: bool = False,
+) -> Path:
+  """A per-epoch quantity, one line per method (mean over runs, min..max band).
+
+  Args:
+    histories: method name -> values, ``(epochs,)`` or ``(runs, epochs)``;
+      point ``i`` is drawn at x = ``i + 1`` (after epoch ``i + 1``).
+    path: the PNG file to write.
+    ylabel: y axis label.
+    xlabel: x axis label.
+    title: figure title.
+    log_y: log-scale y axis (e.g. for losses).
+
+  Returns:
+    ``path`` as a :class:`pathlib.Path`.
+
+  Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "loss.png"
+    >>> plot_history({"sgd": [[1.0, 0.5], [0.9, 0.6]]}, out, ylabel="loss").name
+    'loss.png'
+  """
+  if not histories:
+    raise ValueError("histories is empty.")
+  figure, ax = _new_figure()
+  for name, values in histories.items():
+    runs = _runs(values, f"histories[{name!r}]")
+    _mean_and_band(ax, np.arange(1, runs.shape[1] + 1), runs, name)
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(figure, path)
+
+
+def plot_roc_curves(
+  curves: Mapping[str, tuple[Any, Any]],
+  path: str | os.PathLike[str],
+  *,
+  title: str | None = None,
+  show_area: bool = True,
+) -> Path:
+  """ROC curves, one per method, with the chance diagonal.
+
+  Args:
+    curves: method name -> ``(fpr, tpr)``, e.g. from
+      :func:`imbsam_jax.recipes.metrics.roc_curve`.
+    path: the PNG file to write.
+    title: figure title.
+    show_area: append the trapezoidal area under each curve (the AUROC for a
+      curve from ``roc_curve``) to its legend entry.
+
+  Returns:
+    ``path`` as a :class:`pathlib.Path`.
+
+  Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "roc.png"
+    >>> plot_roc_curves({"adam": ([0, 0.5, 1], [0, 0.8, 1])}, out).name
+    'roc.png'
+  """
+  if not curves:
+    raise ValueError("curves is empty.")
+  figure, ax = _new_figure()
+  ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
+  for name, (fpr, tpr) in curves.items():
+    fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+    if fpr.shape != tpr.shape or fpr.ndim != 1:
+      raise ValueError(f"curves[{name!r}]: fpr and tpr must be 1-D of one length.")
+    label = f"{name} (area {np.trapezoid(tpr, fpr):.3f})" if show_area else name
+    ax.plot(fpr, tpr, label=label, drawstyle="default")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_aspect("equal")
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="lower right")
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(figure, path)
