@@ -51,11 +51,14 @@ def test_history_and_roc(tmp_path):
   history = {"sgd": [2.0, 1.0, 0.5], "sam": [[2.1, 1.2, 0.6], [1.9, 1.1, 0.7]]}
   path = plots.plot_history(history, tmp_path / "loss.png", ylabel="loss", log_y=True)
   _check_png(path, tmp_path / "loss.png")
-  curves = {"adam": ([0, 0.2, 1], [0, 0.7, 1]), "imbsam": ([0, 0.1, 1], [0, 0.8, 1])}
-  path = plots.plot_roc_curves(curves, tmp_path / "roc.png", title="ROC")
+  curves = {
+    "adam": [([0, 0.2, 1], [0, 0.7, 1])],
+    "imbsam": [([0, 0.1, 1], [0, 0.8, 1])],
+  }
+  path = plots.plot_roc_grid({"class 0": curves}, tmp_path / "roc.png", title="ROC")
   _check_png(path, tmp_path / "roc.png")
   with pytest.raises(ValueError, match="one length"):
-    plots.plot_roc_curves({"a": ([0, 1], [0, 0.5, 1])}, tmp_path / "bad.png")
+    plots.plot_roc_grid({"c": {"a": [([0, 1], [0, 0.5, 1])]}}, tmp_path / "bad.png")
   with pytest.raises(ValueError, match="empty"):
     plots.plot_history({}, tmp_path / "bad.png", ylabel="x")
 

@@ -12,7 +12,8 @@ line is the mean over runs and a shaded band spans the runs' minimum to maximum.
 * :func:`plot_per_class_accuracy`: test accuracy of each class against its number
   of training images (log x), the long-tailed picture.
 * :func:`plot_history`: a per-epoch quantity (training loss, accuracy, AUROC).
-* :func:`plot_roc_curves`: ROC curves with their areas, for anomaly detection.
+* :func:`plot_roc_grid`: ROC curves with their areas, one panel per setting
+  (normal class) and several runs per method, for anomaly detection.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,22 +211,25 @@ def plot_history(
   return _save(figure, path)
 
 
-def plot_roc_curves(
-  curves: Mapping[str, tuple[Any, Any]],
+def plot_roc_grid(
+  panels: Mapping[str, Mapping[str, Sequence[tuple[Any, Any]]]],
   path: str | os.PathLike[str],
   *,
   title: str | None = None,
-  show_area: bool = True,
+  columns: int = 5,
 ) -> Path:
-  """ROC curves, one per method, with the chance diagonal.
+  """ROC curves in a grid of panels, several runs per method, with the chance line.
+
+  One panel per entry of ``panels`` (e.g. one per normal class); in a panel each
+  method has one colour and each of its runs (seeds) one line; the legend gives
+  the method's mean trapezoidal area (its mean AUROC for curves from
+  :func:`imbsam_jax.recipes.metrics.roc_curve`).
 
   Args:
-    curves: method name -> ``(fpr, tpr)``, e.g. from
-      :func:`imbsam_jax.recipes.metrics.roc_curve`.
+    panels: panel title -> method -> list of ``(fpr, tpr)`` curves.
     path: the PNG file to write.
     title: figure title.
-    show_area: append the trapezoidal area under each curve (the AUROC for a
-      curve from ``roc_curve``) to its legend entry.
+    columns: panels per row (at most).
 
   Returns:
     ``path`` as a :class:`pathlib.Path`.
@@ -233,26 +237,45 @@ def plot_roc_curves(
   Example:
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "roc.png"
-    >>> plot_roc_curves({"adam": ([0, 0.5, 1], [0, 0.8, 1])}, out).name
+    >>> plot_roc_grid({"class 0": {"adam": [([0, 0.5, 1], [0, 0.8, 1])]}}, out).name
     'roc.png'
   """
-  if not curves:
-    raise ValueError("curves is empty.")
-  figure, ax = _new_figure()
-  ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
-  for name, (fpr, tpr) in curves.items():
-    fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
-    if fpr.shape != tpr.shape or fpr.ndim != 1:
-      raise ValueError(f"curves[{name!r}]: fpr and tpr must be 1-D of one length.")
-    label = f"{name} (area {np.trapezoid(tpr, fpr):.3f})" if show_area else name
-    ax.plot(fpr, tpr, label=label, drawstyle="default")
-  ax.set_xlim(0, 1)
-  ax.set_ylim(0, 1.01)
-  ax.set_aspect("equal")
-  ax.set_xlabel("false positive rate")
-  ax.set_ylabel("true positive rate")
-  ax.grid(True, alpha=0.3)
-  ax.legend(loc="lower right")
+  if not panels:
+    raise ValueError("panels is empty.")
+  cols = max(1, min(columns, len(panels)))
+  rows = -(-len(panels) // cols)
+  figure = Figure(figsize=(3.0 * cols, 3.0 * rows + 0.4), layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+  methods = list(dict.fromkeys(m for panel in panels.values() for m in panel))
+  for ax, (panel_title, by_method) in zip(axes.flat, panels.items(), strict=False):
+    ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
+    for method, curves in by_method.items():
+      runs = []
+      for fpr, tpr in curves:
+        fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+        if fpr.shape != tpr.shape or fpr.ndim != 1:
+          raise ValueError(
+            f"panels[{panel_title!r}][{method!r}]: fpr and tpr must be 1-D of one"
+            " length."
+          )
+        runs.append((fpr, tpr))
+      area = np.mean([np.trapezoid(tpr, fpr) for fpr, tpr in runs])
+      color = f"C{methods.index(method) % 10}"
+      for i, (fpr, tpr) in enumerate(runs):
+        label = f"{method} ({area:.3f})" if i == 0 else None
+        ax.plot(fpr, tpr, color=color, lw=1, alpha=0.7, label=label)
+    ax.set_title(panel_title, fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=6)
+  for ax in axes.flat[len(panels) :]:
+    ax.set_axis_off()
+  for ax in axes[-1]:
+    ax.set_xlabel("false positive rate", fontsize=8)
+  for ax in axes[:, 0]:
+    ax.set_ylabel("true positive rate", fontsize=8)
   if title:
-    ax.set_title(title, fontsize=10)
+    figure.suptitle(title, fontsize=10)
   return _save(figure, path)

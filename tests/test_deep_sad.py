@@ -1,0 +1,338 @@
+"""Tests of recipes/deep_sad.py and examples/train_anomaly.py (Deep SAD)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from sklearn import metrics as skm
+
+import imbsam_jax
+from imbsam_jax.recipes import data, deep_sad, metrics, models
+
+# A small encoder so that every compile is quick.
+FEATURES = (4,)
+REP_DIM = 8
+
+
+def encoder(seed: int = 0, norm: str = "batch") -> models.DeepSADEncoder:
+  return models.DeepSADEncoder(
+    REP_DIM, input_shape=(8, 8, 1), features=FEATURES, norm=norm, rngs=nnx.Rngs(seed)
+  )
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+  return data.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def train_data(digits) -> deep_sad.SemiSupervisedData:
+  return deep_sad.make_semi_supervised(
+    digits.x_train,
+    digits.y_train,
+    normal_class=0,
+    known_anomaly_classes=[1],
+    labeled_anomaly_ratio=0.1,
+    pollution=0.1,
+    seed=0,
+  )
+
+
+# -------------------------------------------------------------------- loss
+
+
+def test_loss_hand_computed():
+  sq_dist = jnp.array([4.0, 4.0, 0.5, 0.0, 2.0])
+  labels = jnp.array([0, 1, -1, -1, 0])
+  eps = 1e-6
+  losses = deep_sad.deep_sad_loss(sq_dist, labels, eta=2.0, eps=eps)
+  expected = [4.0, 2.0 * (4.0 + eps), 2.0 / (0.5 + eps), 2.0 / eps, 2.0]
+  np.testing.assert_allclose(losses, expected, rtol=1e-6)
+  # eta = 1 (default): unlabeled and labeled-normal examples cost d (+ eps).
+  losses = deep_sad.deep_sad_loss(sq_dist, labels)
+  np.testing.assert_allclose(losses[:2], [4.0, 4.0], rtol=1e-6)
+
+
+def test_loss_gradient_hand_computed():
+  grad = jax.grad(lambda d: deep_sad.deep_sad_loss(d, jnp.array([0, 1, -1])).sum())
+  g = grad(jnp.array([3.0, 3.0, 0.5]))
+  np.testing.assert_allclose(g, [1.0, 1.0, -1.0 / (0.5 + 1e-6) ** 2], rtol=1e-5)
+  assert np.all(np.isfinite(grad(jnp.zeros(3))))
+
+
+def test_per_example_loss_is_distance_to_center(train_data):
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  center = jnp.linspace(-1.0, 1.0, REP_DIM)
+  model.center[...] = center
+  model.eval()
+  batch = {"image": train_data.x[-6:], "label": jnp.asarray(train_data.labels[-6:])}
+  losses, _ = deep_sad.per_example_loss(model, batch, eta=3.0)
+  phi = model.encoder(data.to_float(train_data.x[-6:]))
+  sq_dist = np.sum((np.asarray(phi) - np.asarray(center)) ** 2, axis=1)
+  labels = train_data.labels[-6:]
+  expected = np.where(
+    labels == 0, sq_dist, np.where(labels == -1, 3.0 / (sq_dist + 1e-6), 3 * sq_dist)
+  )
+  assert (labels == -1).all()  # the last examples are the labeled anomalies
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ centre
+
+
+def test_center_from_features_hand_computed():
+  features = jnp.array([[1.0, 0.02, -0.1, 0.0, 0.3], [3.0, 0.0, 0.0, 0.0, -0.5]])
+  c = deep_sad.center_from_features(features, eps=0.1)
+  # means 2, 0.01, -0.05, 0, -0.1: small coordinates pushed to +-eps, 0 to +eps.
+  np.testing.assert_allclose(c, [2.0, 0.1, -0.1, 0.1, -0.1], rtol=1e-6)
+  assert c.dtype == jnp.float32
+
+
+def test_compute_center_is_eval_mode_mean(train_data):
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  # batch 64 < 130 examples: padding of the last batch must not count.
+  c = deep_sad.compute_center(model, train_data.x, batch_size=64, eps=0.05)
+  model.eval()
+  phi = np.asarray(model.encoder(data.to_float(train_data.x)))
+  mean = phi.mean(axis=0)
+  expected = np.where(np.abs(mean) < 0.05, np.where(mean < 0, -0.05, 0.05), mean)
+  np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-6)
+  model.center[...] = c
+  scores = deep_sad.anomaly_scores(model, train_data.x, batch_size=64)
+  np.testing.assert_allclose(
+    scores, ((phi - np.asarray(c)) ** 2).sum(axis=1), rtol=1e-5, atol=1e-6
+  )
+
+
+# -------------------------------------------------------------------- data
+
+
+def test_semi_supervised_counts_hand_computed():
+  # N = 119, gamma_l 0.05, gamma_p 0.1: T = 119 / (0.9 * 0.95) = 139.18.
+  c = deep_sad.semi_supervised_counts(119, 0.05, 0.1)
+  assert c == (0, 119, 13, 7) and c.total == 139
+  # With labeled normals: T = 100 / (0.2 + 0.8 * 0.7) = 131.58; 0.2 * 0.7 * T = 18.4.
+  c = deep_sad.semi_supervised_counts(100, 0.1, 0.2, labeled_normal_ratio=0.2)
+  assert c == (26, 74, 18, 13)
+  assert deep_sad.semi_supervised_counts(50, 0.0, 0.0) == (0, 50, 0, 0)
+  with pytest.raises(ValueError, match="pollution"):
+    deep_sad.semi_supervised_counts(50, 0.1, 1.0)
+  with pytest.raises(ValueError, match="below 1"):
+    deep_sad.semi_supervised_counts(50, 0.6, 0.1, labeled_normal_ratio=0.4)
+
+
+def test_make_semi_supervised(digits):
+  kwargs = dict(
+    normal_class=3,
+    known_anomaly_classes=[5, 7],
+    labeled_anomaly_ratio=0.2,
+    pollution=0.3,
+    labeled_normal_ratio=0.1,
+    seed=4,
+  )
+  d = deep_sad.make_semi_supervised(digits.x_train, digits.y_train, **kwargs)
+  labels, classes = d.labels, d.classes
+  n_normal = int((digits.y_train == 3).sum())
+  assert d.counts.labeled_normal + d.counts.unlabeled_normal == n_normal
+  assert len(d.x) == len(labels) == len(classes) == d.counts.total
+  assert (labels == -1).sum() == d.counts.labeled_anomaly
+  assert (labels == 1).sum() == d.counts.labeled_normal
+  assert set(classes[labels == -1].tolist()) <= {5, 7}
+  assert (classes[labels == 1] == 3).all()
+  assert (classes == 3).sum() == n_normal  # every normal image is used
+  pollution = (labels == 0) & (classes != 3)
+  assert pollution.sum() == d.counts.unlabeled_anomaly
+  assert abs(pollution.mean() / (labels == 0).mean() - 0.3) < 0.01
+  assert d.known_anomaly_classes == (5, 7)
+  again = deep_sad.make_semi_supervised(digits.x_train, digits.y_train, **kwargs)
+  np.testing.assert_array_equal(again.x, d.x)
+  other = deep_sad.make_semi_supervised(
+    digits.x_train, digits.y_train, **{**kwargs, "seed": 5}
+  )
+  assert not np.array_equal(other.x, d.x)
+
+
+def test_make_semi_supervised_indices_are_distinct():
+  y = np.repeat(np.arange(3), 20)
+  x = np.arange(60)  # the image is its own index
+  d = deep_sad.make_semi_supervised(
+    x,
+    y,
+    normal_class=0,
+    known_anomaly_classes=[1, 2],
+    labeled_anomaly_ratio=0.3,
+    pollution=0.4,
+    seed=0,
+  )
+  assert len(np.unique(d.x)) == len(d.x)
+  np.testing.assert_array_equal(y[d.x], d.classes)
+  with pytest.raises(ValueError, match="labeled anomalies needed"):
+    deep_sad.make_semi_supervised(
+      x,
+      y,
+      normal_class=0,
+      known_anomaly_classes=[1],
+      labeled_anomaly_ratio=0.6,
+      pollution=0.0,
+      seed=0,
+    )
+  with pytest.raises(ValueError, match="normal class"):
+    deep_sad.make_semi_supervised(
+      x,
+      y,
+      normal_class=0,
+      known_anomaly_classes=[0],
+      labeled_anomaly_ratio=0.1,
+      pollution=0.0,
+      seed=0,
+    )
+
+
+# ------------------------------------------------------- metric and tail
+
+
+def test_auroc_hand_computed():
+  # Anomalies score 0.35 and 0.8; normals 0.1 and 0.4: 3 of 4 pairs ordered.
+  assert metrics.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+  # A tie between an anomaly and a normal counts 1/2: (1 + 0.5) / 2.
+  assert metrics.auroc([0.2, 0.5, 0.5, 0.9], [0, 0, 1, 1]) == 0.875
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=200).round(1)  # many ties
+  is_anomaly = rng.random(200) < 0.3
+  assert metrics.auroc(scores, is_anomaly) == pytest.approx(
+    skm.roc_auc_score(is_anomaly, scores), abs=1e-12
+  )
+  fpr, tpr = metrics.roc_curve(scores, is_anomaly)
+  assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auroc(scores, is_anomaly))
+
+
+def test_labeled_anomaly_mask_on_deep_sad_labels(train_data):
+  labels = jnp.asarray(train_data.labels)
+  mask = jax.jit(imbsam_jax.labeled_anomaly_mask)(labels)
+  np.testing.assert_array_equal(mask, train_data.labels == deep_sad.LABELED_ANOMALY)
+  assert int(mask.sum()) == train_data.counts.labeled_anomaly > 0
+  with pytest.raises(TypeError, match="integer"):
+    imbsam_jax.labeled_anomaly_mask(labels.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------- training
+
+
+def test_imbsam_step_sees_labeled_anomalies_as_tail(train_data):
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, step = deep_sad._train_step(
+    graphdef, "deep_sad", "imbsam", deep_sad.OptimizerConfig(), 0.01, 1.0
+  )
+  from imbsam_jax.recipes import training
+
+  state = training.TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params))
+  labels = train_data.labels[-32:].copy()
+  labels[:28] = 0  # 4 labeled anomalies in a batch of 32
+  batch = {"image": jnp.asarray(train_data.x[-32:]), "label": jnp.asarray(labels)}
+  state, step_metrics = step(state, batch, jax.random.key(0))
+  assert float(step_metrics["tail_fraction"]) == 4 / 32
+  assert float(step_metrics["tail_grad_norm"]) > 0
+  assert np.isfinite(float(step_metrics["loss"]))
+
+
+def test_train_rho_zero_imbsam_equals_base(train_data):
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  model.center[...] = deep_sad.compute_center(model, train_data.x)
+  model.eval()
+  before = jax.tree.map(np.array, nnx.state(model))
+  kwargs = dict(epochs=2, batch_size=32, seed=1)
+  plain, history = deep_sad.train(model, train_data, method="sgd", **kwargs)
+  imbsam, _ = deep_sad.train(model, train_data, method="imbsam", rho=0.0, **kwargs)
+  chex.assert_trees_all_close(
+    nnx.state(plain, nnx.Param), nnx.state(imbsam, nnx.Param), rtol=1e-5, atol=1e-6
+  )
+  assert len(history) == 2 and all(np.isfinite(history))
+  # The input model is untouched (its buffers are not donated, its mode kept).
+  chex.assert_trees_all_equal(jax.tree.map(np.array, nnx.state(model)), before)
+  assert model.encoder.norms[0].use_running_average
+  np.testing.assert_array_equal(plain.center[...], model.center[...])
+
+
+def test_methods_naming():
+  config = deep_sad.DeepSADConfig(
+    optimizers=("sgd", "sam", "imbsam"), rhos=(0.01, 0.05)
+  )
+  assert config.methods() == [
+    ("adam", "sgd", None),
+    ("sam", "sam", 0.01),
+    ("sam", "sam", 0.05),
+    ("imbsam", "imbsam", 0.01),
+    ("imbsam", "imbsam", 0.05),
+  ]
+  sgd = dataclasses.replace(
+    config, optimizer=deep_sad.OptimizerConfig("sgd"), optimizers=("sgd",)
+  )
+  assert sgd.methods() == [("sgd", "sgd", None)]
+  with pytest.raises(ValueError, match="base optimizer"):
+    dataclasses.replace(sgd, optimizers=("adam",)).methods()
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    dataclasses.replace(sgd, optimizers=("adamw",)).methods()
+
+
+# -------------------------------------------------------------- end to end
+
+
+def test_main_smoke(tmp_path, capsys):
+  argv = [
+    "--normal-class", "0,4",
+    "--seeds", "0",
+    "--optimizer", "sgd,sam,imbsam",
+    "--epochs", "1",
+    "--features", ",".join(map(str, FEATURES)),
+    "--rep-dim", str(REP_DIM),
+    "--out", str(tmp_path),
+    "--no-progress",
+  ]  # fmt: skip
+  results = deep_sad.main(argv)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved == results
+  runs = results["runs"]
+  assert [(r["normal_class"], r["optimizer"]) for r in runs] == [
+    (c, o) for c in (0, 4) for o in ("adam", "sam", "imbsam")
+  ]
+  for run in runs:
+    assert 0.0 <= run["auroc"] <= 1.0 and run["seed"] == 0
+    config = run["config"]
+    assert config["base_optimizer"] == "adam" and config["epochs"] == 1
+    assert config["rho"] == (None if run["optimizer"] == "adam" else 0.01)
+    info = run["data"]
+    assert len(info["known_anomaly_classes"]) == 1
+    assert run["normal_class"] not in info["known_anomaly_classes"]
+    assert info["num_test"] == 599
+  assert (tmp_path / "roc.png").stat().st_size > 0
+  out = capsys.readouterr().out
+  assert "imbsam rho=0.01" in out and "mean" in out
+
+
+def test_experiment_is_deterministic_and_pretrains():
+  config = deep_sad.DeepSADConfig(
+    normal_classes=(2,),
+    seeds=(0,),
+    optimizers=("sgd",),
+    known_anomaly_classes="all",
+    epochs=1,
+    pretrain_epochs=1,
+    features=FEATURES,
+    rep_dim=REP_DIM,
+  )
+  first, curves = deep_sad.run_experiment(config, progress=False)
+  second, _ = deep_sad.run_experiment(config, progress=False)
+  assert first["runs"][0]["auroc"] == second["runs"][0]["auroc"]
+  assert first["runs"][0]["data"]["known_anomaly_classes"] == [
+    c for c in range(10) if c != 2
+  ]
+  assert len(curves) == 1 and curves[0].normal_class == 2
