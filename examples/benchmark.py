@@ -134,9 +134,10 @@ def benchmark_setting(
 ) -> list[dict[str, Any]]:
   batch_size = args.batch_size
   num_tail = round(tail_fraction * batch_size)
+  # Two groups of classes, the second (share tail_fraction of the data) the tail.
   counts = np.array([1 - tail_fraction, tail_fraction]) * 1e6
   capacity = imbsam_jax.suggest_tail_capacity(
-    counts, eta=2e5, batch_size=batch_size, num_std=args.capacity_std
+    counts, eta=counts[1] + 1, batch_size=batch_size, num_std=args.capacity_std
   )
   batch = make_batch(batch_size, num_tail)
   key = jax.random.key(0)
