@@ -555,11 +555,14 @@ class RunSteps(NamedTuple):
       batch axis; preprocessing and augmentation run inside.
     eval_step: ``(params, model_state, images) -> predicted classes``, the
       model in eval mode.
+    eval_graphdef: the model's graph in eval mode (BatchNorm running
+      statistics), for ``nnx.merge(eval_graphdef, params, model_state)``.
   """
 
   state: training.TrainState
   train_step: Any
   eval_step: Any
+  eval_graphdef: nnx.GraphDef
 
 
 def build_run(exp: Experiment, optimizer: str, seed: int) -> RunSteps:
@@ -642,6 +645,7 @@ def build_run(exp: Experiment, optimizer: str, seed: int) -> RunSteps:
     eval_step=jax.jit(
       eval_fn, out_shardings=NamedSharding(mesh, PartitionSpec("data"))
     ),
+    eval_graphdef=eval_graphdef,
   )
 
 
