@@ -53,7 +53,7 @@ def clean_grads(params, batch):
 def reference_imbsam_grads(
   params, batch, t, rho, *, scale=1.0, eps=1e-12, adaptive=False
 ):
-  """The ImbSAM gradient, written out as in the paper, float64 in numpy."""
+  """The ImbSAM gradient, written out step by step as in the paper (norm in numpy)."""
   t = np.asarray(t, np.float64)
   size = t.shape[0]
 
