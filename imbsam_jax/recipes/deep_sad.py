@@ -51,7 +51,7 @@ from flax import nnx
 
 import imbsam_jax
 from imbsam_jax._priors import LABELED_ANOMALY
-from imbsam_jax.recipes import data, metrics, models, plots, training
+from imbsam_jax.recipes import arguments, data, metrics, models, plots, training
 
 #: Deep SAD label of a labeled normal example.
 LABELED_NORMAL = 1
@@ -1067,30 +1067,8 @@ def roc_panels(
 RESULTS_FILE = "results.json"
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(s) for s in text.split(",") if s.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-      f"expected comma-separated integers: {text!r}"
-    ) from None
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-  try:
-    return tuple(float(s) for s in text.split(",") if s.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-      f"expected comma-separated numbers: {text!r}"
-    ) from None
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-  return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def _classes(text: str) -> str | tuple[int, ...]:
-  return text if text in ("all", "random") else _int_list(text)
+  return text if text in ("all", "random") else arguments.int_list(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1104,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
       " ImbSAM (tail = labeled anomalies). Prints test AUROC per normal class"
       " (mean ± std over seeds), writes OUT/results.json and OUT/roc.png."
     ),
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=arguments.HelpFormatter,
   )
   a = p.add_argument
   a(
@@ -1131,7 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   a(
     "--labeled-anomaly-ratio",
-    type=_float_list,
+    type=arguments.float_list,
     default=str(d.labeled_anomaly_ratio),
     help=(
       "gamma_l: labeled anomalies among all training examples; several"
@@ -1150,10 +1128,10 @@ def build_parser() -> argparse.ArgumentParser:
     default=d.labeled_normal_ratio,
     help="gamma_n: labeled normal examples among all training examples",
   )
-  a("--seeds", type=_int_list, default="0,1,2", help="comma-separated seeds")
+  a("--seeds", type=arguments.int_list, default="0,1,2", help="comma-separated seeds")
   a(
     "--optimizer",
-    type=_str_list,
+    type=arguments.str_list,
     default=",".join(d.optimizers),
     help=(
       "comma-separated methods: sgd (= the base optimizer without"
@@ -1163,7 +1141,7 @@ def build_parser() -> argparse.ArgumentParser:
   a("--base-optimizer", choices=BASE_OPTIMIZERS, default=o.name)
   a(
     "--rho",
-    type=_float_list,
+    type=arguments.float_list,
     default=",".join(map(str, d.rhos)),
     help="SAM/ImbSAM radius; several values (e.g. 0.005,0.01,0.05) run each",
   )
@@ -1187,7 +1165,7 @@ def build_parser() -> argparse.ArgumentParser:
   a("--rep-dim", type=int, default=d.rep_dim, help="encoder output dimension")
   a(
     "--features",
-    type=_int_list,
+    type=arguments.int_list,
     default=None,
     help="encoder conv channels (default: 8,4 for grey images, 32,64,128 for colour)",
   )

@@ -62,10 +62,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imbsam_jax
+from imbsam_jax.recipes import arguments, plots, training
 from imbsam_jax.recipes import data as data_lib
 from imbsam_jax.recipes import metrics as metrics_lib
 from imbsam_jax.recipes import models as models_lib
-from imbsam_jax.recipes import plots, training
 from imbsam_jax.recipes.checkpoints import Checkpointer
 
 LOSSES = ("ce", "logit-adjust", "balanced-softmax")
@@ -1019,19 +1019,6 @@ def run_experiment(
 # ------------------------------------------------------------ command line
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(s) for s in text.split(",") if s.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-      f"expected comma-separated integers: {text!r}"
-    ) from None
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-  return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def _capacity(text: str) -> int | str:
   if text == "auto":
     return text
@@ -1041,15 +1028,6 @@ def _capacity(text: str) -> int | str:
     raise argparse.ArgumentTypeError(
       f"expected an integer or 'auto': {text!r}"
     ) from None
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows ``(default: X)`` only where X is not None / False."""
-
-  def _get_help_string(self, action: argparse.Action) -> str:
-    if action.default is None or action.default is False:
-      return action.help or ""
-    return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1069,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
       " compare their Many/Medium/Few test accuracy. Writes OUT/results.json,"
       " OUT/per_class_accuracy.png and OUT/checkpoints/."
     ),
-    formatter_class=_HelpFormatter,
+    formatter_class=arguments.HelpFormatter,
   )
   a = p.add_argument
   a(
@@ -1092,14 +1070,14 @@ def build_parser() -> argparse.ArgumentParser:
   )
   a(
     "--optimizer",
-    type=_str_list,
+    type=arguments.str_list,
     default=",".join(d.optimizers),
     help="comma-separated: sgd,sam,imbsam",
   )
   a("--seed", type=int, default=None, help="one seed (default 0)")
   a(
     "--seeds",
-    type=_int_list,
+    type=arguments.int_list,
     default=None,
     help="several seeds, e.g. 0,1,2 (with --seed: both)",
   )

@@ -77,8 +77,8 @@ from matplotlib.figure import Figure
 
 import imbsam_jax
 from imbsam_jax import sharpness
+from imbsam_jax.recipes import arguments, long_tailed, plots, training
 from imbsam_jax.recipes import data as data_lib
-from imbsam_jax.recipes import long_tailed, plots, training
 from imbsam_jax.recipes import metrics as metrics_lib
 from imbsam_jax.recipes.checkpoints import Checkpointer
 
@@ -883,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
       " training loss of the runs of examples/train_long_tailed.py. Writes"
       " OUT/sharpness.json and OUT/sharpness.png."
     ),
-    formatter_class=long_tailed._HelpFormatter,
+    formatter_class=arguments.HelpFormatter,
   )
   a = p.add_argument
   a(
@@ -894,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
   a("--out", default=None, help="output directory (default: --runs)")
   a(
     "--optimizer",
-    type=long_tailed._str_list,
+    type=arguments.str_list,
     default=None,
     help="comma-separated optimizers to measure (default: all in results.json)",
   )
