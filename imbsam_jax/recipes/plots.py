@@ -11,6 +11,8 @@ line is the mean over runs and a shaded band spans the runs' minimum to maximum.
 
 * :func:`plot_per_class_accuracy`: test accuracy of each class against its number
   of training images (log x), the long-tailed picture.
+* :func:`draw_per_class`: the same drawing on a given axes, for multi-panel
+  figures (e.g. per-class curvature).
 * :func:`plot_history`: a per-epoch quantity (training loss, accuracy, AUROC).
 * :func:`plot_roc_grid`: ROC curves with their areas, one panel per setting
   (normal class) and several runs per method, for anomaly detection.
@@ -80,6 +82,72 @@ def _ignore_all_nan() -> Iterator[None]:
     yield
 
 
+def draw_per_class(
+  ax: Any,
+  train_counts: Any,
+  per_class: Mapping[str, Any],
+  *,
+  thresholds: Mapping[str, float] | None = None,
+  what: str = "per_class",
+) -> bool:
+  """Draws per-class values against training-sample count (log x) on ``ax``.
+
+  One line per method: classes sharing a count are averaged into one point,
+  each class is also a faint dot; with several runs the line is the mean over
+  runs and the band their minimum to maximum. Classes without training images
+  and NaN values are left out. ``thresholds`` (label -> count) are labelled
+  vertical dashed lines.
+
+  Args:
+    ax: a matplotlib axes.
+    train_counts: ``(C,)`` training images per class.
+    per_class: method name -> ``(C,)`` or ``(runs, C)`` values.
+    thresholds: label -> count.
+    what: the argument's name in error messages.
+
+  Returns:
+    Whether every finite value is positive (a log y axis can show them all).
+  """
+  counts = np.asarray(train_counts, np.float64)
+  if counts.ndim != 1:
+    raise ValueError(f"train_counts must be 1-D, got shape {counts.shape}.")
+  drawn = counts > 0
+  distinct = np.unique(counts[drawn])  # ascending
+  positive = True
+  for name, values in per_class.items():
+    runs = _runs(values, f"{what}[{name!r}]", len(counts))
+    # One point per distinct count: the mean over the classes with that count.
+    grouped = np.stack(
+      [_nanmean_columns(runs[:, counts == c]) for c in distinct], axis=1
+    )
+    line = _mean_and_band(ax, distinct, grouped, name, marker="o", ms=4)
+    with _ignore_all_nan():
+      class_means = np.nanmean(runs, axis=0)
+    ax.scatter(
+      counts[drawn], class_means[drawn], s=10, color=line.get_color(), alpha=0.35
+    )
+    finite = runs[np.isfinite(runs)]
+    positive &= bool(finite.size) and bool((finite > 0).all())
+  for label, count in (thresholds or {}).items():
+    ax.axvline(count, color="0.5", ls="--", lw=0.8)
+    ax.annotate(
+      label,
+      (count, 1.0),
+      xycoords=("data", "axes fraction"),
+      xytext=(3, -3),
+      textcoords="offset points",
+      ha="left",
+      va="top",
+      fontsize=8,
+      color="0.35",
+      rotation=90,
+    )
+  ax.set_xscale("log")
+  ax.set_xlabel("training images of the class (log scale)")
+  ax.grid(True, which="major", alpha=0.3)
+  return positive
+
+
 def plot_per_class_accuracy(
   train_counts: Any,
   per_class: Mapping[str, Any],
@@ -114,45 +182,12 @@ def plot_per_class_accuracy(
     >>> plot_per_class_accuracy([100, 30, 5], {"sgd": [0.9, 0.6, 0.1]}, out).name
     'acc.png'
   """
-  counts = np.asarray(train_counts, np.float64)
-  if counts.ndim != 1:
-    raise ValueError(f"train_counts must be 1-D, got shape {counts.shape}.")
   if not per_class:
     raise ValueError("per_class is empty.")
-  drawn = counts > 0
-  distinct = np.unique(counts[drawn])  # ascending
   figure, ax = _new_figure()
-  for name, values in per_class.items():
-    runs = _runs(values, f"per_class[{name!r}]", len(counts))
-    # One point per distinct count: the mean over the classes with that count.
-    grouped = np.stack(
-      [_nanmean_columns(runs[:, counts == c]) for c in distinct], axis=1
-    )
-    line = _mean_and_band(ax, distinct, grouped, name, marker="o", ms=4)
-    with _ignore_all_nan():
-      class_means = np.nanmean(runs, axis=0)
-    ax.scatter(
-      counts[drawn], class_means[drawn], s=10, color=line.get_color(), alpha=0.35
-    )
-  for label, count in (thresholds or {}).items():
-    ax.axvline(count, color="0.5", ls="--", lw=0.8)
-    ax.annotate(
-      label,
-      (count, 1.0),
-      xycoords=("data", "axes fraction"),
-      xytext=(3, -3),
-      textcoords="offset points",
-      ha="left",
-      va="top",
-      fontsize=8,
-      color="0.35",
-      rotation=90,
-    )
-  ax.set_xscale("log")
+  draw_per_class(ax, train_counts, per_class, thresholds=thresholds, what="per_class")
   ax.set_ylim(-0.03, 1.03)
-  ax.set_xlabel("training images of the class (log scale)")
   ax.set_ylabel("test accuracy of the class")
-  ax.grid(True, which="major", alpha=0.3)
   ax.legend(loc="lower right")
   if title:
     ax.set_title(title, fontsize=10)

@@ -684,13 +684,8 @@ def plot_curvature(
     ...                {"sgd": [10.0, 40.0, 90.0]}, out).name
     'sharpness.png'
   """
-  counts = np.asarray(train_counts, np.float64)
-  if counts.ndim != 1:
-    raise ValueError(f"train_counts must be 1-D, got shape {counts.shape}.")
   if not top_eigenvalues or set(top_eigenvalues) != set(traces):
     raise ValueError("top_eigenvalues and traces need the same, non-empty methods.")
-  drawn = counts > 0
-  distinct = np.unique(counts[drawn])
   figure = Figure(figsize=(11.0, 4.2), layout="constrained")
   FigureCanvasAgg(figure)
   axes = figure.subplots(1, 2)
@@ -699,39 +694,12 @@ def plot_curvature(
     (axes[1], traces, "Hessian trace of the class loss"),
   )
   for ax, values_by_method, ylabel in panels:
-    positive = True
-    for name, values in values_by_method.items():
-      runs = plots._runs(values, f"{ylabel}[{name!r}]", len(counts))
-      grouped = np.stack(
-        [plots._nanmean_columns(runs[:, counts == c]) for c in distinct], axis=1
-      )
-      line = plots._mean_and_band(ax, distinct, grouped, name, marker="o", ms=4)
-      class_means = _mean(runs, axis=0)
-      ax.scatter(
-        counts[drawn], class_means[drawn], s=10, color=line.get_color(), alpha=0.35
-      )
-      finite = runs[np.isfinite(runs)]
-      positive &= bool(finite.size) and bool((finite > 0).all())
-    for label, count in (thresholds or {}).items():
-      ax.axvline(count, color="0.5", ls="--", lw=0.8)
-      ax.annotate(
-        label,
-        (count, 1.0),
-        xycoords=("data", "axes fraction"),
-        xytext=(3, -3),
-        textcoords="offset points",
-        ha="left",
-        va="top",
-        fontsize=8,
-        color="0.35",
-        rotation=90,
-      )
-    ax.set_xscale("log")
+    positive = plots.draw_per_class(
+      ax, train_counts, values_by_method, thresholds=thresholds, what=ylabel
+    )
     if positive:
       ax.set_yscale("log")
-    ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel(ylabel)
-    ax.grid(True, which="major", alpha=0.3)
     ax.legend()
   if title:
     figure.suptitle(title, fontsize=10)
