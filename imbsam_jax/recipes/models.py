@@ -409,6 +409,19 @@ def _sad_features(input_shape: Sequence[int], features: Sequence[int] | None):
   return features, tuple(sizes)
 
 
+def _sad_conv(in_channels: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Conv:
+  """Deep SAD's bias-free 5x5 convolution ('same' padding)."""
+  return nnx.Conv(
+    in_channels,
+    out_channels,
+    (5, 5),
+    padding=2,
+    use_bias=False,
+    kernel_init=_kaiming_normal,
+    rngs=rngs,
+  )
+
+
 def _sad_norm(norm: str, channels: int, rngs: nnx.Rngs) -> nnx.Module | None:
   return _make_norm(norm, channels, rngs=rngs, affine=False, epsilon=_SAD_EPSILON)
 
@@ -457,17 +470,7 @@ class DeepSADEncoder(nnx.Module):
     convs, norms = [], []
     channels = self.input_shape[-1]
     for out_channels in features:
-      convs.append(
-        nnx.Conv(
-          channels,
-          out_channels,
-          (5, 5),
-          padding=2,
-          use_bias=False,
-          kernel_init=_kaiming_normal,
-          rngs=rngs,
-        )
-      )
+      convs.append(_sad_conv(channels, out_channels, rngs))
       norms.append(_sad_norm(norm, out_channels, rngs))
       channels = out_channels
     self.convs = nnx.List(convs)
@@ -534,17 +537,7 @@ class DeepSADDecoder(nnx.Module):
     norms, convs = [], []
     for i in reversed(range(len(features))):
       norms.append(_sad_norm(norm, features[i], rngs))
-      convs.append(
-        nnx.Conv(
-          features[i],
-          channels_out[i],
-          (5, 5),
-          padding=2,
-          use_bias=False,
-          kernel_init=_kaiming_normal,
-          rngs=rngs,
-        )
-      )
+      convs.append(_sad_conv(features[i], channels_out[i], rngs))
     self.norms = nnx.List(norms)
     self.convs = nnx.List(convs)
 
