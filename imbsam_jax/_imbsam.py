@@ -17,13 +17,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
 from imbsam_jax._priors import TailMaskFn
 
 LossFn = Callable[[optax.Params, Any], jax.Array]
-ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+Scalar = float | jax.Array
+ScalarOrSchedule = Scalar | Callable[[jax.Array], jax.Array]
 
 
 class ImbSAMState(NamedTuple):
@@ -42,6 +44,35 @@ class ImbSAMState(NamedTuple):
   base_state: optax.OptState
   tail_grad_norm: jax.Array
   tail_fraction: jax.Array
+
+
+def _check_scalar(name: str, value: Any) -> None:
+  """Checks a hyperparameter that must be a number >= 0.
+
+  Python and NumPy numbers are checked by value. JAX arrays, which may be traced
+  (``optax.inject_hyperparams`` hands them in under ``jit``), are checked by shape
+  and dtype only.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a number or a scalar array, got {value!r}.")
+  if isinstance(value, jax.Array):
+    if value.shape != () or not (
+      jnp.issubdtype(value.dtype, jnp.floating)
+      or jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+      raise TypeError(
+        f"{name} must be a real scalar, got an array of shape {value.shape} and"
+        f" dtype {value.dtype}."
+      )
+    return
+  if isinstance(value, (int, float, np.integer, np.floating)) or (
+    isinstance(value, np.ndarray) and value.shape == ()
+  ):
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+      raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+    return
+  raise TypeError(f"{name} must be a number or a scalar array, got {value!r}.")
 
 
 def _batch_size(batch: Any) -> int:
@@ -244,8 +275,8 @@ def imbsam(
   rho: ScalarOrSchedule,
   tail_mask_fn: TailMaskFn,
   *,
-  eps: float = 1e-12,
-  tail_loss_scale: float = 1.0,
+  eps: Scalar = 1e-12,
+  tail_loss_scale: Scalar = 1.0,
   adaptive: bool = False,
   axis_name: str | None = None,
   per_device_perturbation: bool = False,
@@ -287,6 +318,13 @@ def imbsam(
   2 since a change made after publication (``tail_loss_scale=2.0`` reproduces
   it).
 
+  ``rho``, ``eps`` and ``tail_loss_scale`` may be scalar arrays, also traced
+  ones, so ``optax.inject_hyperparams(imbsam, static_args=("tail_mask_fn",))``
+  keeps them in the optimizer state, where ``optax.tree_utils.tree_set`` changes
+  them between steps without recompiling (name ``tail_capacity`` in
+  ``static_args`` too when you set it). Python and NumPy numbers are checked
+  when the transform is built; arrays by shape and dtype only.
+
   ``adaptive=True`` uses the ASAM form (Kwon et al., 2021):
   :math:`e = \\rho\\, |w|^2 \\odot g_T / (\\| |w| \\odot g_T \\|_2 + \\epsilon)`.
 
@@ -320,11 +358,12 @@ def imbsam(
   Args:
     base_tx: any Optax transformation; receives the ImbSAM gradient and all
       extra keyword arguments that ImbSAM does not consume.
-    rho: perturbation radius (>= 0), or an Optax schedule of the step count.
+    rho: perturbation radius (>= 0): a number, a scalar array, or an Optax
+      schedule of the step count.
     tail_mask_fn: ``labels -> (B,)`` tail weights, bool or float in [0, 1];
       see :func:`tail_mask_from_counts`.
-    eps: added to the norm; keeps an all-head batch at ``e = 0``.
-    tail_loss_scale: ``s``, the weight of the perturbed tail loss.
+    eps: added to the norm (>= 0).
+    tail_loss_scale: ``s`` (>= 0), the weight of the perturbed tail loss.
     adaptive: use the scale-invariant ASAM perturbation.
     axis_name: batch axis to average over inside ``shard_map``/``pmap``.
     per_device_perturbation: with ``axis_name``, perturb each device along its
@@ -372,25 +411,23 @@ def imbsam(
       f"base_tx must be an optax.GradientTransformation, got {type(base_tx)}."
     )
   if not callable(rho):
-    try:
-      rho_value = float(rho)
-    except (TypeError, ValueError) as e:
-      raise TypeError(f"rho must be a float or a schedule, got {rho!r}.") from e
-    if not (math.isfinite(rho_value) and rho_value >= 0):
-      raise ValueError(f"rho must be a finite float >= 0 or a schedule, got {rho}.")
+    _check_scalar("rho", rho)
   if not callable(tail_mask_fn):
     raise TypeError("tail_mask_fn must be callable: labels -> (B,) tail weights.")
-  if not eps >= 0:
-    raise ValueError(f"eps must be >= 0, got {eps}.")
-  if not (math.isfinite(tail_loss_scale) and tail_loss_scale >= 0):
-    raise ValueError(f"tail_loss_scale must be >= 0, got {tail_loss_scale}.")
+  _check_scalar("eps", eps)
+  _check_scalar("tail_loss_scale", tail_loss_scale)
   if tail_capacity is not None and (
     isinstance(tail_capacity, bool)
     or not isinstance(tail_capacity, int)
     or tail_capacity < 1
   ):
+    hint = (
+      " (with optax.inject_hyperparams, name it in static_args)"
+      if isinstance(tail_capacity, jax.Array)
+      else ""
+    )
     raise ValueError(
-      f"tail_capacity must be a positive int or None, got {tail_capacity!r}."
+      f"tail_capacity must be a positive int or None, got {tail_capacity!r}{hint}."
     )
   if per_device_perturbation and axis_name is None:
     raise ValueError("per_device_perturbation=True needs axis_name.")

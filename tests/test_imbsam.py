@@ -336,6 +336,60 @@ def test_no_recompilation_across_steps():
   assert step._cache_size() == 1
 
 
+def test_inject_hyperparams_rho_and_learning_rate_under_jit():
+  """rho and the base learning rate live in the state: tree_set changes them."""
+  tx = optax.inject_hyperparams(imbsam_jax.imbsam, static_args=("tail_mask_fn",))(
+    optax.inject_hyperparams(optax.sgd)(learning_rate=0.3),
+    rho=0.05,
+    tail_mask_fn=HARD_MASK,
+    tail_loss_scale=2.0,
+  )
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    grads = clean_grads(params, batch)
+    updates, state = tx.update(
+      grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+    return optax.apply_updates(params, updates), state
+
+  schedule = [(0.05, 0.3), (0.4, 0.1), (0.0, 0.2), (0.2, 0.05)]  # (rho, lr)
+  params = want = init_params()
+  state = tx.init(params)
+  for (rho, lr), batch in zip(schedule, BATCHES, strict=True):
+    state = optax.tree_utils.tree_set(
+      state, rho=jnp.asarray(rho), learning_rate=jnp.asarray(lr)
+    )
+    params, state = step(params, state, batch)
+    g = reference_imbsam_grads(want, batch, HARD_MASK(batch["y"]), rho, scale=2.0)
+    want = jax.tree.map(lambda w, g, lr=lr: w - lr * g, want, g)
+    chex.assert_trees_all_close(params, want, atol=1e-5, rtol=1e-5)
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+  assert float(optax.tree_utils.tree_get(state, "rho")) == pytest.approx(0.2)
+
+
+def test_array_hyperparameters():
+  """Scalar arrays for rho, tail_loss_scale and eps, also traced ones."""
+  params = init_params()
+  want = run_reference(
+    optax.sgd(0.3), params, BATCHES, HARD_MASK, 0.1, scale=2.0, eps=1e-3
+  )
+
+  @jax.jit
+  def run(rho, scale, eps):
+    tx = imbsam_jax.imbsam(
+      optax.sgd(0.3), rho, HARD_MASK, tail_loss_scale=scale, eps=eps
+    )
+    return run_imbsam(tx, params, BATCHES, jit=False)[0]
+
+  got = run(jnp.asarray(0.1), jnp.asarray(2.0), jnp.asarray(1e-3))
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(run(0.1, np.float32(2.0), 1e-3), want, atol=1e-5)
+
+
 def test_extra_args_inside_chain_and_forwarded():
   """Unknown kwargs are ignored by imbsam and reach the base optimizer."""
   base = optax.chain(
@@ -498,8 +552,14 @@ def test_inconsistent_batch():
     ({"rho": -0.1}, ValueError, "rho"),
     ({"rho": float("nan")}, ValueError, "rho"),
     ({"rho": "big"}, TypeError, "rho"),
+    ({"rho": True}, TypeError, "rho"),
+    ({"rho": jnp.ones(2)}, TypeError, "rho"),
+    ({"rho": np.float32(-0.1)}, ValueError, "rho"),
+    ({"tail_loss_scale": jnp.array(1, bool)}, TypeError, "tail_loss_scale"),
+    ({"tail_loss_scale": float("inf")}, ValueError, "tail_loss_scale"),
     ({"tail_capacity": 0}, ValueError, "tail_capacity"),
     ({"tail_capacity": 2.5}, ValueError, "tail_capacity"),
+    ({"tail_capacity": jnp.asarray(4)}, ValueError, "static_args"),
     ({"eps": -1.0}, ValueError, "eps"),
     ({"tail_loss_scale": -1.0}, ValueError, "tail_loss_scale"),
     ({"base_tx": optax.sgd}, TypeError, "base_tx"),
