@@ -8,10 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
-from flax.training import train_state
 
 import imbsam_jax
+import imbsam_jax.flax
+
+# nnx.as_pure is Flax 0.12.7+; nnx.pure before (deprecated since).
+as_pure = getattr(nnx, "as_pure", None) or nnx.pure
 
 COUNTS = np.array([300, 60, 8])
 MASK_FN = imbsam_jax.tail_mask_from_counts(COUNTS, eta=20)
@@ -63,10 +67,8 @@ def nnx_per_example_loss(model, batch):
 @nnx.jit
 def nnx_train_step(model, optimizer, batch):
   """The pattern shown in the README."""
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-  def loss_fn(params, batch):  # adversarial passes: pure, BatchNorm updates dropped
-    return nnx_per_example_loss(nnx.merge(graphdef, params, rest, copy=True), batch)
+  # Adversarial passes: pure, their BatchNorm updates dropped.
+  loss_fn = imbsam_jax.flax.nnx_loss_fn(model, nnx_per_example_loss)
 
   def mean_loss(model):  # the clean pass updates the BatchNorm statistics
     return nnx_per_example_loss(model, batch).mean()
@@ -80,7 +82,7 @@ def test_nnx_optimizer_matches_reference_and_keeps_clean_batch_stats():
   model = NNXNet(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # Copies: the split state shares its arrays' Variables with the model.
-  params, rest = jax.tree.map(jnp.copy, (nnx.as_pure(params), nnx.as_pure(rest)))
+  params, rest = jax.tree.map(jnp.copy, (as_pure(params), as_pure(rest)))
   tx = imbsam_jax.imbsam(optax.sgd(0.1, momentum=0.9), 0.1, MASK_FN)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -88,7 +90,7 @@ def test_nnx_optimizer_matches_reference_and_keeps_clean_batch_stats():
   def pure_loss(params, rest, batch):
     m = nnx.merge(graphdef, params, rest, copy=True)
     losses = nnx_per_example_loss(m, batch)
-    return losses, nnx.as_pure(nnx.state(m, nnx.BatchStat))
+    return losses, as_pure(nnx.state(m, nnx.BatchStat))
 
   base = optax.sgd(0.1, momentum=0.9)
   base_state = base.init(params)
@@ -100,12 +102,66 @@ def test_nnx_optimizer_matches_reference_and_keeps_clean_batch_stats():
     params = optax.apply_updates(params, updates)
 
   chex.assert_trees_all_close(
-    nnx.as_pure(nnx.state(model, nnx.Param)), params, atol=1e-5, rtol=1e-5
+    as_pure(nnx.state(model, nnx.Param)), params, atol=1e-5, rtol=1e-5
+  )
+  chex.assert_trees_all_close(as_pure(nnx.state(model, nnx.BatchStat)), rest, atol=1e-6)
+  assert int(optimizer.step[...]) == len(BATCHES)
+
+
+def nnx_loss_and_accuracy(model, batch):
+  logits = model(batch["x"])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  return losses, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])}
+
+
+def test_nnx_loss_fn_pure_step_matches_optimizer():
+  """graphdef + rest, has_aux and with_state: a pure step with tail_grads."""
+  tx = imbsam_jax.imbsam(optax.sgd(0.1, momentum=0.9), 0.1, MASK_FN)
+  model = NNXNet(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(NNXNet(nnx.Rngs(0)), nnx.Param, ...)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @jax.jit
+  def step(params, rest, opt_state, batch):
+    clean = imbsam_jax.flax.nnx_loss_fn(
+      graphdef, nnx_loss_and_accuracy, rest, has_aux=True, with_state=True
+    )
+    (loss, (metrics, rest)), grads, tail_grads = imbsam_jax.value_and_tail_grads(
+      clean, params, batch, MASK_FN(batch["y"]), has_aux=True
+    )
+    updates, opt_state = tx.update(
+      grads,
+      opt_state,
+      params,
+      loss_fn=lambda p, b: clean(p, b)[0],
+      batch=batch,
+      labels=batch["y"],
+      tail_grads=tail_grads,
+    )
+    return optax.apply_updates(params, updates), rest, opt_state, loss, metrics
+
+  opt_state = tx.init(params)
+  for batch in BATCHES:
+    want_loss = nnx_train_step(model, optimizer, batch)
+    params, rest, opt_state, loss, metrics = step(params, rest, opt_state, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    assert 0 <= float(metrics["accuracy"]) <= 1
+  assert step._cache_size() == 1
+  chex.assert_trees_all_close(
+    as_pure(params), as_pure(nnx.state(model, nnx.Param)), atol=1e-6, rtol=1e-6
   )
   chex.assert_trees_all_close(
-    nnx.as_pure(nnx.state(model, nnx.BatchStat)), rest, atol=1e-6
+    as_pure(rest), as_pure(nnx.state(model, nnx.Not(nnx.Param))), atol=1e-6
   )
-  assert int(optimizer.step[...]) == len(BATCHES)
+
+
+def test_nnx_loss_fn_bad_arguments():
+  model = NNXNet(nnx.Rngs(0))
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  with pytest.raises(ValueError, match="rest"):
+    imbsam_jax.flax.nnx_loss_fn(graphdef, nnx_per_example_loss)
+  with pytest.raises(TypeError, match="graphdef"):
+    imbsam_jax.flax.nnx_loss_fn(model, nnx_per_example_loss, rest)
 
 
 # --- Linen ------------------------------------------------------------------
@@ -119,13 +175,13 @@ class LinenNet(nn.Module):
     return nn.Dense(3)(nn.relu(x))
 
 
-class TrainState(train_state.TrainState):
+class TrainState(imbsam_jax.flax.TrainState):
   batch_stats: Any
 
 
 @jax.jit
 def linen_train_step(state, batch):
-  """TrainState.apply_gradients does not forward kwargs: call tx.update."""
+  """The pattern shown in the README."""
 
   def apply(params, batch):
     variables = {"params": params, "batch_stats": state.batch_stats}
@@ -143,19 +199,8 @@ def linen_train_step(state, batch):
     return losses.mean(), stats
 
   (loss, stats), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
-  updates, opt_state = state.tx.update(
-    grads,
-    state.opt_state,
-    state.params,
-    loss_fn=loss_fn,
-    batch=batch,
-    labels=batch["y"],
-  )
-  state = state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, updates),
-    opt_state=opt_state,
-    batch_stats=stats,
+  state = state.apply_gradients(
+    grads=grads, batch_stats=stats, loss_fn=loss_fn, batch=batch, labels=batch["y"]
   )
   return state, loss
 
@@ -201,3 +246,27 @@ def test_linen_train_state_matches_reference():
   chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(state.batch_stats, stats, atol=1e-6)
   assert int(state.step) == len(BATCHES)
+  assert state.tx is tx
+
+
+def test_linen_train_state_routes_keywords():
+  """Fields are replaced; every other keyword reaches tx.update, and only there."""
+  seen = []
+
+  def update(updates, state, params=None, **extra_args):
+    seen.append(extra_args)
+    return updates, state
+
+  tx = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+  state = TrainState.create(
+    apply_fn=None, params={"w": jnp.ones(2)}, tx=tx, batch_stats={"m": jnp.zeros(2)}
+  )
+  new = state.apply_gradients(
+    grads={"w": jnp.ones(2)}, batch_stats={"m": jnp.ones(2)}, value=3.0
+  )
+  assert seen == [{"value": 3.0}]
+  assert new.tx is tx and int(new.step) == 1
+  chex.assert_trees_all_close(new.params, {"w": jnp.full(2, 2.0)})
+  chex.assert_trees_all_close(new.batch_stats, {"m": jnp.ones(2)})
+  new.apply_gradients(grads={"w": jnp.ones(2)})  # no extra keywords: as in Flax
+  assert seen[-1] == {}
