@@ -1,6 +1,6 @@
 """Step time and compiled memory of SGD, SAM and ImbSAM, measured in one process.
 
-Every variant is the same jitted training step from ``imbsam_jax.recipes.training``
+Every variant is the same jitted training step from ``shared/training.py``
 on the same model and batch; only the optimizer differs:
 
 - ``sgd``: the clean gradient (3 passes, counting a forward on the batch as 1 and a
@@ -23,12 +23,12 @@ Example::
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import pathlib
 import statistics
-import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,7 +38,8 @@ import optax
 from flax import nnx
 
 import imbsam_jax
-from imbsam_jax.recipes import models, training
+from shared import models, options, training
+from shared.options import FRACTION, POSITIVE, option
 
 NUM_CLASSES = 10
 TAIL_CLASS = NUM_CLASSES - 1
@@ -46,32 +47,44 @@ VARIANTS = ("sgd", "sam", "imbsam", "imbsam-exact", "imbsam-fast")
 PASSES = {"sgd": 3, "sam": 6, "imbsam": 9, "imbsam-exact": 8}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument(
-    "--depth", type=int, default=8, help="CIFAR ResNet depth 6n+2 (32 = ResNet-32)"
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Options of the benchmark."""
+
+  batch_size: int = option(128, "batch size", check=POSITIVE)
+  depth: int = option(
+    8, "CIFAR ResNet depth (32 = ResNet-32)",
+    check=(lambda d: d >= 8 and (d - 2) % 6 == 0, "must be 6n + 2 with n >= 1"),
+  )  # fmt: skip
+  width: int = option(16, "channels of the first stage", check=POSITIVE)
+  norm: tuple[str, ...] = option(
+    ("batch", "group"), "normalisation layers", choices=models.NORMS, flags=("--norms",)
   )
-  parser.add_argument("--width", type=int, default=16)
-  parser.add_argument(
-    "--norms", default="batch,group", help="comma list of batch, group, none"
+  tail_fraction: tuple[float, ...] = option(
+    (0.03, 0.2), "share of tail examples per batch", check=FRACTION,
+    flags=("--tail-fractions",),
+  )  # fmt: skip
+  variant: tuple[str, ...] = option(
+    VARIANTS, "variants to time", choices=VARIANTS, flags=("--variants",)
   )
-  parser.add_argument(
-    "--tail-fractions", default="0.03,0.2", help="share of tail examples per batch"
+  rounds: int = option(5, "interleaved rounds", check=POSITIVE)
+  steps_per_round: int = option(3, "timed steps per variant and round", check=POSITIVE)
+  capacity_std: float = option(
+    2.0, "tail_capacity = mean + this many binomial std of the tail count (x8)",
+    check=options.NON_NEGATIVE,
+  )  # fmt: skip
+  out: str | None = option(
+    None,
+    "where to write the numbers: a .json file, or a directory for benchmark.json",
+    flags=("--json",),
   )
-  parser.add_argument(
-    "--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}"
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+  """The checked options (exit status 2 and one line on a bad value)."""
+  return options.parse(
+    Config, argv, prog="benchmark.py", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps-per-round", type=int, default=3)
-  parser.add_argument(
-    "--capacity-std",
-    type=float,
-    default=2.0,
-    help="tail_capacity = mean + this many binomial std of the tail count (x8)",
-  )
-  parser.add_argument("--json", default=None, help="also write the numbers here")
-  return parser.parse_args(argv)
 
 
 def make_batch(batch_size: int, num_tail: int, seed: int = 0) -> dict[str, Any]:
@@ -89,13 +102,13 @@ def per_example_loss(model: nnx.Module, batch: dict[str, Any]):
   return losses, {}
 
 
-def build_step(variant: str, args: argparse.Namespace, norm: str, capacity: int):
+def build_step(variant: str, args: Config, norm: str, capacity: int):
   """The jitted step and its initial state for one variant."""
   mask_fn = imbsam_jax.tail_mask_from_counts(
     [1000] * TAIL_CLASS + [10], eta=20
   )  # the last class is the tail
   base = optax.sgd(0.01, momentum=0.9)
-  method = "imbsam" if variant.startswith("imbsam") else variant
+  method = {"sgd": "base", "sam": "sam"}.get(variant, "imbsam")
   kwargs = {"tail_capacity": capacity} if variant == "imbsam-fast" else {}
   tx = training.make_optimizer(method, base, rho=0.05, tail_mask_fn=mask_fn, **kwargs)
   model = models.CifarResNet(
@@ -130,7 +143,7 @@ def peak_memory_bytes(compiled: Any) -> int | None:
 
 
 def benchmark_setting(
-  args: argparse.Namespace, norm: str, tail_fraction: float, variants: list[str]
+  args: Config, norm: str, tail_fraction: float, variants: Sequence[str]
 ) -> list[dict[str, Any]]:
   batch_size = args.batch_size
   num_tail = round(tail_fraction * batch_size)
@@ -204,26 +217,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
-  norms = [n.strip() for n in args.norms.split(",") if n.strip()]
-  fractions = [float(f) for f in args.tail_fractions.split(",")]
-  if any(not 0 <= f <= 1 for f in fractions):
-    raise SystemExit("--tail-fractions must lie in [0, 1]")
   rows = []
-  for norm in norms:
-    for fraction in fractions:
-      rows.extend(benchmark_setting(args, norm, fraction, variants))
-      print(
-        format_table(
-          [r for r in rows if r["norm"] == norm and r["tail_fraction"] == fraction]
-        ),
-        flush=True,
-      )
+  for norm in args.norm:
+    for fraction in args.tail_fraction:
+      setting = benchmark_setting(args, norm, fraction, args.variant)
+      rows.extend(setting)
+      print(format_table(setting), flush=True)
       print(flush=True)
   result = {
     "device": str(jax.devices()[0].device_kind),
@@ -240,12 +241,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f" ({result['device']}), jax {jax.__version__}"
   )
   print(format_table(rows))
-  if args.json:
-    path = pathlib.Path(args.json)
+  if args.out:
+    path = Path(args.out)
+    path = path if path.suffix == ".json" else path / "benchmark.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
   return result
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  options.cli(main, "benchmark.py")

@@ -4,21 +4,20 @@ Restores the final checkpoint of every run of ``examples/train_long_tailed.py``
 and measures, for each class and for the head and tail groups, the top Hessian
 eigenvalue (power iteration) and the Hessian trace (Hutchinson) of the training
 loss restricted to those examples. Prints a table (mean over seeds) and writes
-``OUT/sharpness.json`` and ``OUT/sharpness.png`` (curvature against the class's
-training-sample count, one line per optimizer). On the embedded ``digits-lt``::
+``OUT/sharpness.json`` and ``OUT/sharpness.png``::
 
-  python examples/train_long_tailed.py --out runs/digits && python examples/sharpness.py --runs runs/digits
-  python examples/train_long_tailed.py --seeds 0,1,2 --out runs/digits3
+  python examples/train_long_tailed.py --seed 0,1,2 --out runs/digits3
+  python examples/sharpness.py --runs runs/digits3
   python examples/sharpness.py --runs runs/digits3 --optimizer sgd,imbsam
   python examples/sharpness.py --runs runs/c100 --max-examples-per-class 100 \\
       --batch-size 256 --num-probes 50
 
-``--help`` lists every option; the logic lives in
-:mod:`imbsam_jax.recipes.sharpness_study` (``main(argv)`` returns the results
-dict).
-"""  # noqa: E501
+``--help`` lists every option with its default. The logic lives in
+``sharpness_study/``.
+"""
 
-from imbsam_jax.recipes.sharpness_study import cli
+from shared.options import cli
+from sharpness_study.study import main
 
 if __name__ == "__main__":
-  cli()
+  cli(main, "sharpness.py")

@@ -1,4 +1,4 @@
-"""Tests for imbsam_jax.recipes.data."""
+"""Tests of examples/shared/data.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from data_fake_cifar10 import CLASS_NAMES, fake_cifar10, write_fake_cifar10
 from PIL import Image
 
 from imbsam_jax._priors import long_tail_counts
-from imbsam_jax.recipes import data
+from shared import data
 
 FIXTURE_TFDS_DIR = Path(__file__).parent / "data_tfds"
 
@@ -372,7 +372,7 @@ def test_npz_errors(tmp_path, change, match):
   np.savez(tmp_path / "bad.npz", **arrays)
   with pytest.raises(ValueError, match=match):
     data.load_dataset(f"npz:{tmp_path / 'bad.npz'}")
-  with pytest.raises(ValueError, match="does not exist"):
+  with pytest.raises(ValueError, match="not an existing file"):
     data.load_dataset(f"npz:{tmp_path / 'missing.npz'}")
 
 

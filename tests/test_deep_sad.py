@@ -1,9 +1,10 @@
-"""Tests of recipes/deep_sad.py and examples/train_anomaly.py (Deep SAD)."""
+"""Tests of examples/anomaly/ and examples/train_anomaly.py (Deep SAD)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import subprocess
+import sys
 
 import chex
 import jax
@@ -14,7 +15,9 @@ from flax import nnx
 from sklearn import metrics as skm
 
 import imbsam_jax
-from imbsam_jax.recipes import data, deep_sad, metrics, models
+from anomaly import train as deep_sad
+from anomaly.config import Config
+from shared import data, metrics, models, training
 
 # A small encoder so that every compile is quick.
 FEATURES = (4,)
@@ -229,11 +232,7 @@ def test_imbsam_step_sees_labeled_anomalies_as_tail(train_data):
   model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx, step = deep_sad._train_step(
-    graphdef, "deep_sad", "imbsam", deep_sad.OptimizerConfig(), 0.01, 1.0
-  )
-  from imbsam_jax.recipes import training
-
+  tx, step = deep_sad._train_step(graphdef, Config(), "deep_sad", "imbsam", 0.01)
   state = training.TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params))
   labels = train_data.labels[-32:].copy()
   labels[:28] = 0  # 4 labeled anomalies in a batch of 32
@@ -249,9 +248,9 @@ def test_train_rho_zero_imbsam_equals_base(train_data):
   model.center[...] = deep_sad.compute_center(model, train_data.x)
   model.eval()
   before = jax.tree.map(np.array, nnx.state(model))
-  kwargs = dict(epochs=2, batch_size=32, seed=1)
-  plain, history = deep_sad.train(model, train_data, method="sgd", **kwargs)
-  imbsam, _ = deep_sad.train(model, train_data, method="imbsam", rho=0.0, **kwargs)
+  args = (model, train_data.x, train_data.labels, Config(batch_size=32))
+  plain, history = deep_sad.fit(*args, epochs=2, seed=1, method="base")
+  imbsam, _ = deep_sad.fit(*args, epochs=2, seed=1, method="imbsam", rho=0.0)
   chex.assert_trees_all_close(
     nnx.state(plain, nnx.Param), nnx.state(imbsam, nnx.Param), rtol=1e-5, atol=1e-6
   )
@@ -262,25 +261,46 @@ def test_train_rho_zero_imbsam_equals_base(train_data):
   np.testing.assert_array_equal(plain.center[...], model.center[...])
 
 
-def test_methods_naming():
-  config = deep_sad.DeepSADConfig(
-    optimizers=("sgd", "sam", "imbsam"), rhos=(0.01, 0.05)
-  )
-  assert config.methods() == [
-    ("adam", "sgd", None),
-    ("sam", "sam", 0.01),
-    ("sam", "sam", 0.05),
-    ("imbsam", "imbsam", 0.01),
-    ("imbsam", "imbsam", 0.05),
+def test_grid_names_and_aliases():
+  config = Config(method=("base", "sam", "imbsam"), rho=(0.01, 0.05), seed=(0,))
+  config = deep_sad.dataclasses.replace(config, normal_class=(3,))
+  sweeps = deep_sad.options.sweep_values(config)
+  cells = deep_sad.runner.grid(config.method, config.seed, sweeps, uses=deep_sad.USES)
+  assert [(c.method, c.setting.get("rho")) for c in cells] == [
+    ("base", None),
+    ("sam", 0.01),
+    ("sam", 0.05),
+    ("imbsam", 0.01),
+    ("imbsam", 0.05),
   ]
-  sgd = dataclasses.replace(
-    config, optimizer=deep_sad.OptimizerConfig("sgd"), optimizers=("sgd",)
+  assert {c.setting["normal_class"] for c in cells} == {3}
+  parsed = deep_sad.options.parse(Config, ["--optimizer", "adam,sam"])
+  assert parsed.method == ("base", "sam")
+
+
+@pytest.mark.parametrize(
+  "argv, flag",
+  [
+    (["--epochs", "0"], "--epochs: must be > 0"),
+    (["--rho", "-1"], "--rho: must be >= 0"),
+    (["--labeled-anomaly-ratio", "0.6", "--labeled-normal-ratio", "0.5"], "below 1"),
+    (["--base-optimizer", "lion"], "--base-optimizer: 'lion' is not one of"),
+    (["--known-anomaly-classes", "x"], "--known-anomaly-classes: expected"),
+    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+  ],
+)
+def test_bad_options_fail_before_training(argv, flag, tmp_path):
+  """One line naming the flag, exit status 2, nothing written."""
+  completed = subprocess.run(
+    [sys.executable, "examples/train_anomaly.py", *argv, "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
   )
-  assert sgd.methods() == [("sgd", "sgd", None)]
-  with pytest.raises(ValueError, match="base optimizer"):
-    dataclasses.replace(sgd, optimizers=("adam",)).methods()
-  with pytest.raises(ValueError, match="unknown optimizer"):
-    dataclasses.replace(sgd, optimizers=("adamw",)).methods()
+  assert completed.returncode == 2
+  assert flag in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
+  assert not list(tmp_path.iterdir())
 
 
 # -------------------------------------------------------------- end to end
@@ -315,24 +335,28 @@ def test_main_smoke(tmp_path, capsys):
     assert info["num_test"] == 599
   assert (tmp_path / "roc.png").stat().st_size > 0
   out = capsys.readouterr().out
-  assert "imbsam rho=0.01" in out and "mean" in out
+  assert "imbsam" in out and "mean" in out
+  log = (tmp_path / "metrics" / "imbsam_normal_class0_labeled_anomaly_ratio0.05"
+         "_pollution0.1_rho0.01_seed0.csv").read_text().splitlines()  # fmt: skip
+  assert log[0] == "epoch,loss,tail_fraction,tail_grad_norm" and len(log) == 2
 
 
-def test_experiment_is_deterministic_and_pretrains():
-  config = deep_sad.DeepSADConfig(
-    normal_classes=(2,),
-    seeds=(0,),
-    optimizers=("sgd",),
-    known_anomaly_classes="all",
-    epochs=1,
-    pretrain_epochs=1,
-    features=FEATURES,
-    rep_dim=REP_DIM,
-  )
-  first, curves = deep_sad.run_experiment(config, progress=False)
-  second, _ = deep_sad.run_experiment(config, progress=False)
+def test_experiment_is_deterministic_and_pretrains(tmp_path):
+  argv = [
+    "--normal-class", "2",
+    "--seed", "0",
+    "--optimizer", "base",
+    "--known-anomaly-classes", "all",
+    "--epochs", "1",
+    "--pretrain-epochs", "1",
+    "--features", ",".join(map(str, FEATURES)),
+    "--rep-dim", str(REP_DIM),
+    "--no-progress",
+  ]  # fmt: skip
+  first = deep_sad.main([*argv, "--out", str(tmp_path / "a")])
+  second = deep_sad.main([*argv, "--out", str(tmp_path / "b")])
   assert first["runs"][0]["auroc"] == second["runs"][0]["auroc"]
   assert first["runs"][0]["data"]["known_anomaly_classes"] == [
     c for c in range(10) if c != 2
   ]
-  assert len(curves) == 1 and curves[0].normal_class == 2
+  assert first["config"]["pretrain_epochs"] == 1

@@ -1,4 +1,4 @@
-"""Tests for imbsam_jax.recipes.metrics."""
+"""Tests of examples/shared/metrics.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from sklearn import metrics as skm
 
 from imbsam_jax._priors import long_tail_counts
-from imbsam_jax.recipes import metrics
+from shared import metrics
 
 # ---------------------------------------------------------------- accuracy
 

@@ -1,4 +1,4 @@
-"""Tests for imbsam_jax.recipes.models.
+"""Tests of examples/shared/models.py.
 
 Compiling is the slow part on CPU (random initialisers cost about a second per new
 parameter shape with the default threefry keys), so: structural checks (shapes,
@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from imbsam_jax.recipes import models
+from shared import models
 
 
 def _x(shape, batch=2, seed=0):

@@ -4,8 +4,8 @@ import pathlib
 import re
 import subprocess
 import sys
-
 import tomllib
+
 from packaging.requirements import Requirement
 from packaging.version import Version
 

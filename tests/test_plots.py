@@ -1,4 +1,4 @@
-"""Tests of imbsam_jax.recipes.plots: each figure is written and readable."""
+"""Tests of examples/shared/plots.py: each figure is written and readable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from imbsam_jax.recipes import plots
+from shared import plots
 
 
 def _check_png(path, expected):
@@ -47,10 +47,26 @@ def test_per_class_accuracy_errors(tmp_path, counts, per_class, match):
     plots.plot_per_class_accuracy(counts, per_class, tmp_path / "x.png")
 
 
-def test_history_and_roc(tmp_path):
-  history = {"sgd": [2.0, 1.0, 0.5], "sam": [[2.1, 1.2, 0.6], [1.9, 1.1, 0.7]]}
-  path = plots.plot_history(history, tmp_path / "loss.png", ylabel="loss", log_y=True)
-  _check_png(path, tmp_path / "loss.png")
+def test_ablation_and_roc(tmp_path):
+  runs = [
+    {"optimizer": o, "seed": seed, "rho": rho, "eta": eta, "acc": a and a + seed / 100}
+    for seed in (0, 1)
+    for o, rho, eta, a in [
+      ("sgd", None, None, 0.5),
+      ("sam", 0.01, None, 0.55),
+      ("sam", 0.1, None, 0.45),
+      ("imbsam", 0.01, 10, 0.6),
+      ("imbsam", 0.1, 10, 0.62),
+      ("imbsam", 0.01, 20, None),  # a run without the metric is left out
+      ("imbsam", 0.1, 20, 0.58),
+    ]
+  ]
+  path = plots.plot_ablation(
+    runs, ["rho", "eta"], {"acc": "accuracy"}, tmp_path / "ablation.png", title="t"
+  )
+  _check_png(path, tmp_path / "ablation.png")
+  with pytest.raises(ValueError, match="needs runs"):
+    plots.plot_ablation([], ["rho"], {"acc": "a"}, tmp_path / "bad.png")
   curves = {
     "adam": [([0, 0.2, 1], [0, 0.7, 1])],
     "imbsam": [([0, 0.1, 1], [0, 0.8, 1])],
@@ -59,8 +75,6 @@ def test_history_and_roc(tmp_path):
   _check_png(path, tmp_path / "roc.png")
   with pytest.raises(ValueError, match="one length"):
     plots.plot_roc_grid({"c": {"a": [([0, 1], [0, 0.5, 1])]}}, tmp_path / "bad.png")
-  with pytest.raises(ValueError, match="empty"):
-    plots.plot_history({}, tmp_path / "bad.png", ylabel="x")
 
 
 def test_no_pyplot_state(tmp_path):
@@ -68,5 +82,5 @@ def test_no_pyplot_state(tmp_path):
   import matplotlib.pyplot as plt
 
   before = plt.get_fignums()
-  plots.plot_history({"a": [1.0, 2.0]}, tmp_path / "h.png", ylabel="y")
+  plots.plot_per_class_accuracy([10, 1], {"a": [1.0, 0.5]}, tmp_path / "h.png")
   assert plt.get_fignums() == before

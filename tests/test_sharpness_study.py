@@ -1,4 +1,4 @@
-"""Tests of the per-class sharpness study (recipes/sharpness_study.py).
+"""Tests of the per-class sharpness study (examples/sharpness_study/).
 
 A tiny long-tailed run (BatchNorm) trained through ``long_tailed.main`` is
 measured end to end (schema, finite values, table, plot, restored model,
@@ -14,6 +14,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,9 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from imbsam_jax.recipes import data, long_tailed, sharpness_study
+from long_tailed import train as long_tailed
+from shared import data
+from sharpness_study import study as sharpness_study
 
 TRAIN_COUNTS = [20, 10, 6, 4]  # eta 20: head {0}, tail {1, 2, 3}
 ENTRY_KEYS = {
@@ -57,7 +61,7 @@ def trained(tmp_path_factory):
     [
       *(f"--dataset=npz:{npz}", "--out", str(out), "--epochs", "1"),
       *("--model", "small_cnn", "--norm", "batch", "--batch-size", "8"),
-      *("--optimizer", "imbsam", "--no-progress"),
+      *("--optimizer", "imbsam", "--many-threshold", "100", "--no-progress"),
     ]
   )
   return out, results
@@ -82,11 +86,12 @@ def test_study_schema_values_and_plot(study):
   assert json.loads((out / "sharpness.json").read_text()) == study
   assert (out / "sharpness.png").stat().st_size > 1000
   assert "tail group" in printed and str(out / "sharpness.png") in printed
-  assert study["settings"]["num_probes"] == 3 and study["settings"]["seed"] == 0
+  assert study["config"]["num_probes"] == 3 and study["config"]["probe_seed"] == 0
   (run,) = study["runs"]
   assert (run["optimizer"], run["seed"]) == ("imbsam", 0)
   assert run["train_counts"] == TRAIN_COUNTS
   assert run["config"]["eta"] == 20 and run["config"]["norm"] == "batch"
+  assert run["tail_eta"] == 20 and (run["rho"], run["eta"]) == (0.05, 20)
   assert [e["class"] for e in run["per_class"]] == [0, 1, 2, 3]
   for entry in [*run["per_class"], *run["groups"].values()]:
     assert set(entry) >= ENTRY_KEYS
@@ -115,8 +120,9 @@ def test_table_means_over_seeds(study):
   sgd = {**copy.deepcopy(run), "optimizer": "sgd"}
   lines = sharpness_study.format_table([sgd, run, other_seed]).splitlines()
   assert "seeds 0,1" in lines[0]
-  assert "top eigenvalue" in lines[1] and "trace" in lines[1]
-  assert lines[2].split() == ["class", "images", "sgd", "imbsam", "sgd", "imbsam"]
+  assert "top eigenvalue" in lines[0]
+  header = ["class", "images", "eig", "sgd", "eig", "imbsam", "trace", "sgd"]
+  assert lines[1].split() == [*header, "trace", "imbsam"]
   eigen = [e["top_eigenvalue"] for e in run["per_class"]]
   trace = [e["trace"] for e in run["per_class"]]
   for c in range(4):  # imbsam: the mean of x and 3x
@@ -124,35 +130,48 @@ def test_table_means_over_seeds(study):
     want += [f"{trace[c]:.4g}"] * 2
     if c == 3:
       want[2] += "*"  # not converged in seed 1
-    assert lines[3 + c].split() == [str(c), *want]
-  # CIFAR recipe thresholds: Many > 100 (none), Medium {0}, Few {1, 2, 3}.
-  assert lines[7].split() == ["Many", "(0)", ">100", "-", "-", "-", "-"]
-  assert lines[8].split()[:4] == ["Medium", "(1)", "20-100", f"{eigen[0]:.4g}"]
-  few = lines[9].split()
+    assert lines[2 + c].split() == [str(c), *want]
+  # Thresholds of the run: Many > 100 (none), Medium {0}, Few {1, 2, 3}.
+  assert lines[6].split() == ["Many", "(0)", ">100", "-", "-", "-", "-"]
+  assert lines[7].split()[:4] == ["Medium", "(1)", "20-100", f"{eigen[0]:.4g}"]
+  few = lines[8].split()
   assert few[:3] == ["Few", "(3)", "<20"] and few[4] == f"{2 * np.mean(eigen[1:]):.4g}*"
-  assert lines[10].startswith("head group") and lines[11].startswith("tail group")
+  assert lines[9].startswith("head group") and lines[10].startswith("tail group")
 
 
 def test_restored_model_is_the_evaluated_one(trained):
   out, results = trained
   run = results["runs"][0]
-  exp = long_tailed.prepare(sharpness_study.config_from_saved(run["config"]))
-  state, graphdef = sharpness_study.restore_final_state(exp, "imbsam", 0, out)
+  restored = long_tailed.restore(run, out)
+  exp, state = restored.experiment, restored.state
+  graphdef = long_tailed.build_run(exp, long_tailed.runner.Cell("base", 0, {}))[3]
   model = nnx.merge(graphdef, state.params, state.model_state)
   ds = exp.dataset
+  batch = {"image": restored.inputs[:6], "label": ds.y_train[:6]}
+  losses = restored.loss_fn(state.params, batch)
+  logits = model(restored.inputs[:6])
+  want = -jax.nn.log_softmax(logits)[np.arange(6), ds.y_train[:6]]
+  np.testing.assert_allclose(losses, want, rtol=1e-5)  # eval-mode training loss
+  predictions = jnp.argmax(model(data.to_float(ds.x_test, exp.mean, exp.std)), -1)
+  assert float(jnp.mean(predictions == ds.y_test)) == pytest.approx(run["overall"])
   predictions = jnp.argmax(model(data.to_float(ds.x_test, exp.mean, exp.std)), -1)
   assert float(jnp.mean(predictions == ds.y_test)) == pytest.approx(run["overall"])
 
 
-def test_missing_runs_fail_with_instructions(trained, tmp_path, monkeypatch):
-  monkeypatch.setattr("sys.argv", ["x", "--runs", str(tmp_path)])
-  with pytest.raises(SystemExit, match=r"No results.json.*train_long_tailed.py"):
-    sharpness_study.cli()
+def test_missing_runs_fail_with_instructions(trained, tmp_path):
+  completed = subprocess.run(
+    [sys.executable, "examples/sharpness.py", "--runs", str(tmp_path)],
+    capture_output=True, text=True, timeout=120, check=False,
+  )  # fmt: skip
+  assert completed.returncode == 1
+  assert (
+    "No results.json" in completed.stderr and "train_long_tailed.py" in completed.stderr
+  )
   out, _ = trained
   shutil.copy(out / "results.json", tmp_path / "results.json")
   with pytest.raises(FileNotFoundError, match=r"checkpoints.*train_long_tailed.py"):
     sharpness_study.main(["--runs", str(tmp_path), *STUDY])
-  with pytest.raises(ValueError, match="No run of sam"):
+  with pytest.raises(ValueError, match="--optimizer: no run of sam"):
     sharpness_study.main(["--runs", str(out), "--optimizer", "sam", *STUDY])
 
 
@@ -176,7 +195,14 @@ def test_per_class_values_match_exact_hessian():
   inputs[np.arange(len(labels)), labels] += 2.0
   model = nnx.jit(lambda: TinyMLP(nnx.Rngs(0)))()  # one compile, not one per op
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loss_fn = sharpness_study.make_loss_fn(graphdef, rest, counts, tau=1.0)
+  log_prior = long_tailed.log_class_prior(counts)
+
+  def loss_fn(params, batch):  # the balanced-softmax loss of a training run
+    logits = nnx.merge(graphdef, params, rest, copy=True)(batch["image"])
+    return long_tailed.logit_adjusted_cross_entropy(
+      logits, batch["label"], log_prior, 1.0
+    )
+
   measure = lambda: sharpness_study.measure_classes(
     loss_fn,
     params,

@@ -1,8 +1,10 @@
-"""Tests of the long-tailed application (recipes/long_tailed.py, its example).
+"""Tests of the long-tailed application (examples/long_tailed/, its script).
 
 Every dataset path (digits, mock TFDS, folder:, npz:) runs end to end on tiny data
 for one or two epochs with the small CNN; the runs also check the results.json
-schema, determinism, resume and the compile count.
+schema, determinism, resume, the compile count, a rho x eta sweep and its
+figure; every preset builds its config and runs one step on tiny inputs; bad
+options fail before anything is loaded, with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from PIL import Image
 
-from imbsam_jax.recipes import data, long_tailed
+from long_tailed import train as long_tailed
+from long_tailed.config import PRESETS, Config
+from shared import data, metrics, options, report, runner
 
 TRAIN_COUNTS = [20, 10, 6, 4]  # 40 training images, 4 classes
 TEST_PER_CLASS = 5
@@ -85,7 +90,7 @@ def test_logit_adjusted_cross_entropy_by_hand():
     "balanced-softmax": 1.0,
   }
   for loss, tau in taus.items():
-    assert long_tailed.Config(loss=loss, tau=0.3).effective_tau == tau
+    assert Config(loss=loss, tau=0.3).effective_tau == tau
 
 
 def test_log_class_prior():
@@ -115,7 +120,7 @@ def test_classification_report_by_hand():
   # Few {2, 3}; class 3 has no test example.
   labels = [0, 0, 0, 0, 1, 1, 2, 2, 2]
   preds = [0, 0, 0, 1, 1, 0, 2, 3, 3]
-  report = long_tailed.classification_report(preds, labels, [150, 60, 10, 3])
+  report = metrics.classification_report(preds, labels, [150, 60, 10, 3])
   assert report["overall"] == pytest.approx(5 / 9)
   assert report["per_class"][:3] == pytest.approx([0.75, 0.5, 1 / 3])
   assert report["per_class"][3] is None
@@ -125,7 +130,7 @@ def test_classification_report_by_hand():
   assert report["test_counts"] == [4, 2, 3, 0]
   assert report["split_classes"] == {"many": [0], "medium": [1], "few": [2, 3]}
   # Custom thresholds, and an empty split is None.
-  report = long_tailed.classification_report(
+  report = metrics.classification_report(
     preds, labels, [150, 60, 10, 3], many_threshold=5, few_threshold=2
   )
   assert report["many"] == pytest.approx((0.75 + 0.5 + 1 / 3) / 3)
@@ -136,7 +141,10 @@ def test_summary_and_table():
   def run(opt, seed, few, overall):
     return {
       "optimizer": opt,
+      "method": runner.method_name(opt),
       "seed": seed,
+      "rho": None if opt == "sgd" else 0.05,
+      "eta": None if opt == "sgd" else 20.0,
       "overall": overall,
       "many": 0.9,
       "medium": None,
@@ -154,42 +162,100 @@ def test_summary_and_table():
     }
 
   runs = [run("sgd", 0, 0.2, 0.5), run("sgd", 1, 0.4, 0.7), run("imbsam", 0, 0.6, 0.8)]
-  summary = long_tailed.summarize(runs)
-  assert summary["sgd"]["few"] == pytest.approx({"mean": 0.3, "std": 0.1})
+  summary = report.summarize(
+    runs, ["overall", "many", "medium", "few"], ["rho", "eta"], vectors=["per_class"]
+  )
+  assert summary["sgd"]["few"] == pytest.approx({"mean": 0.3, "std": 0.1, "n": 2})
   assert summary["sgd"]["medium"] is None
   assert summary["sgd"]["per_class_mean"] == pytest.approx([0.9, 0.3])
-  assert summary["imbsam"]["overall"] == {"mean": 0.8, "std": 0.0}
-  table = long_tailed.format_table(runs)
+  assert summary["imbsam rho=0.05 eta=20"]["overall"]["mean"] == 0.8
+  table = long_tailed.format_table({"runs": runs})
   assert "Many (1)" in table and "Medium (0)" in table and "Few (1)" in table
   assert "30.0 ± 10.0" in table  # sgd's few over two seeds
   lines = table.splitlines()
-  assert any(line.split()[:3] == ["imbsam", "0", "90.0"] for line in lines)
+  assert any(line.split()[:4] == ["imbsam", "seed", "0", "90.0"] for line in lines)
 
 
-def test_check_batch_size():
-  long_tailed.check_batch_size(16, 8, 40)
-  with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    long_tailed.check_batch_size(12, 8, 40)
-  with pytest.raises(ValueError, match="exceeds the 40 training images"):
-    long_tailed.check_batch_size(64, 1, 40)
-
-
-def test_parser_defaults_and_seeds():
-  parser = long_tailed.build_parser()
-  config = long_tailed.config_from_args(parser.parse_args([]))
-  assert config.dataset == "digits-lt" and config.optimizers == ("sgd", "sam", "imbsam")
-  assert config.seeds == (0,) and config.progress
-  resolved = config.resolved()
-  assert resolved.model == "small_cnn" and resolved.many_threshold == 50
-  assert resolved.few_threshold == 20 and resolved.eta == 20
-  cifar = long_tailed.Config(dataset="cifar100-lt").resolved()
+def test_options_defaults_presets_and_aliases():
+  config = options.parse(
+    Config, [], presets=PRESETS, implied_preset=long_tailed.implied_preset
+  )
+  assert config.preset == "digits-lt" and config.dataset == "digits-lt"
+  assert config.method == ("base", "sam", "imbsam") and config.seed == (0,)
+  assert (config.model, config.many_threshold, config.eta) == ("small_cnn", 50, (20.0,))
+  parse = lambda *argv: options.parse(
+    Config, argv, presets=PRESETS, implied_preset=long_tailed.implied_preset
+  )
+  cifar = parse("--dataset", "cifar100-lt")  # the dataset implies its preset
+  assert cifar.preset == "cifar100-lt" and cifar.imbalance_ratio == 100
   assert (cifar.model, cifar.epochs, cifar.many_threshold) == ("resnet32", 200, 100)
-  args = parser.parse_args(["--seeds", "0,1", "--seed", "5", "--optimizer", "sam"])
-  config = long_tailed.config_from_args(args)
-  assert config.seeds == (0, 1, 5) and config.optimizers == ("sam",)
-  assert "digits(-lt)" in parser.format_help()
-  with pytest.raises(ValueError, match="Unknown optimizer"):
-    long_tailed.Config(optimizers=("adam",)).resolved()
+  reference = parse("--preset", "cifar100-lt-reference", "--epochs", "3")
+  assert (reference.model, reference.batch_size, reference.lr) == (
+    "resnet34_cifar",
+    64,
+    0.01,
+  )
+  assert reference.tail_loss_scale == 2.0 and reference.epochs == 3  # flag wins
+  assert parse("--preset", "cifar10-lt-ir10").imbalance_ratio == 10
+  own = parse("--dataset", "digits")  # no preset of that name: the defaults
+  assert own.preset is None and own.model == "small_cnn"
+  swept = parse("--seeds", "0,1", "--optimizer", "sgd,imbsam", "--rho", "0.01,0.1")
+  assert swept.seed == (0, 1) and swept.method == ("base", "imbsam")
+  assert options.sweep_values(swept) == {"rho": (0.01, 0.1), "eta": (20.0,)}
+  assert options.from_json(Config, options.to_json(swept)) == swept
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--eta", "-5"], "--eta: must be > 0, got -5.0"),
+    (["--rho", "-1"], "--rho: must be >= 0"),
+    (["--epochs", "0"], "--epochs: must be > 0"),
+    (["--optimizer", "adam"], "--method/--optimizer: 'adam' is not one of"),
+    (["--model", "vgg"], "--model: 'vgg' is not one of"),
+    (["--dataset", "svhn"], "--dataset: unknown dataset 'svhn'"),
+    (["--dataset", "npz:missing.npz"], "--dataset: npz: missing.npz is not an"),
+    (
+      ["--tail-capacity", "fast"],
+      "--tail-capacity: expected an int or auto, got 'fast'",
+    ),
+    (["--tail-capacity", "0"], "--tail-capacity: must be a positive int or auto"),
+    (["--few-threshold", "60"], "--few-threshold: 60 exceeds --many-threshold"),
+    (["--preset", "imagenet"], "--preset: unknown preset 'imagenet'"),
+    (["--rho", "0.1,0.1"], "--rho: repeated value"),
+    (["--batch-size", "7", "--devices", "2"], "--devices: there are only 1"),
+  ],
+)
+def test_bad_options_one_line_exit_2(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    long_tailed.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_option_from_the_command_line(tmp_path):
+  """The script itself: exit status 2, one line, nothing loaded or written."""
+  import subprocess
+  import sys
+
+  script = "examples/train_long_tailed.py"
+  completed = subprocess.run(
+    [sys.executable, script, "--eta", "-5", "--out", str(tmp_path)],
+    capture_output=True, text=True, timeout=120, check=False,
+  )  # fmt: skip
+  assert completed.returncode == 2
+  assert (
+    completed.stderr == "train_long_tailed.py: error: --eta: must be > 0, got -5.0\n"
+  )
+  assert not list(tmp_path.iterdir())
+
+
+def test_data_dependent_errors(npz_file, tmp_path):
+  with pytest.raises(ValueError, match="--batch-size: 64 exceeds the 40 training"):
+    long_tailed.main(npz_args(npz_file, tmp_path, "--batch-size", "64"))
+  with pytest.raises(ValueError, match="--eta: no class has fewer than 2 training"):
+    long_tailed.main(npz_args(npz_file, tmp_path, "--eta", "2"))
 
 
 def test_offline_tfds_fails_fast_with_instructions(tmp_path, monkeypatch):
@@ -208,8 +274,9 @@ def test_offline_tfds_fails_fast_with_instructions(tmp_path, monkeypatch):
   monkeypatch.setattr(
     "sys.argv", ["x", "--dataset", "cifar100-lt", "--data-dir", str(tmp_path / "tfds")]
   )
-  with pytest.raises(SystemExit, match="error: TFDS dataset 'cifar100'"):
-    long_tailed.cli()
+  with pytest.raises(SystemExit) as exit_info:
+    options.cli(long_tailed.main, "train_long_tailed.py")
+  assert exit_info.value.code == 1
 
 
 # --------------------------------------------------------- end to end
@@ -241,13 +308,27 @@ def test_npz_all_optimizers_schema_compiles_and_plot(reference, capsys):
     assert run["compiles"] == {"train_step": 1, "eval_step": 1}
     assert len(run["history"]["train_loss"]) == 2
     config = run["config"]
-    assert config["tail_classes"] == [1, 2, 3] and config["num_train"] == 40
-    assert config["augment_used"] == "none" and config["steps_per_epoch"] == 5
-    assert config["many_threshold"] == 100 and config["few_threshold"] == 20
+    assert config["num_train"] == 40 and config["steps_per_epoch"] == 5
+    assert config["augment_used"] == "none" and config["method"] == [
+      "base",
+      "sam",
+      "imbsam",
+    ]
+    assert config["many_threshold"] == 50 and config["few_threshold"] == 20
     assert config["tau_used"] == 1.0 and config["loss"] == "balanced-softmax"
-    assert (out / "checkpoints" / f"{run['optimizer']}_seed0").is_dir()
+  names = ["base_seed0", "sam_rho0.05_seed0", "imbsam_rho0.05_eta20_seed0"]
+  for name in names:
+    assert (out / "checkpoints" / name).is_dir()
+    log = (out / "metrics" / f"{name}.csv").read_text().splitlines()
+    assert len(log) == 3 and log[0].startswith("epoch,step,accuracy,loss")
+  imbsam = results["runs"][2]
+  assert imbsam["tail_classes"] == [1, 2, 3] and imbsam["tail_capacity"] is None
+  assert (imbsam["rho"], imbsam["eta"]) == (0.05, 20.0)
+  assert results["runs"][0]["rho"] is None and results["runs"][0]["method"] == "base"
+  assert "tail_fraction,tail_grad_norm,lr" in log[0]
   assert set(results["summary"]) == {"sgd", "sam", "imbsam"}
-  assert "train_tail_fraction" in results["runs"][2]["history"]
+  assert results["config"]["rho"] == [0.05] and results["config"]["preset"] is None
+  assert "train_tail_fraction" in imbsam["history"]
 
 
 def test_table_is_printed(npz_file, tmp_path, capsys):
@@ -257,7 +338,7 @@ def test_table_is_printed(npz_file, tmp_path, capsys):
     )
   )
   printed = capsys.readouterr().out
-  assert "Many (0)   Medium (1)      Few (3)      Overall" in printed
+  assert "Many (0)  Medium (1)  Few (3)  Overall" in printed
   assert "per_class_accuracy.png" in printed
 
 
@@ -273,21 +354,25 @@ def test_same_seed_same_numbers(reference, npz_file, tmp_path):
   assert comparable(other)[0]["history"] != comparable(results)[0]["history"]
 
 
-def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path):
+def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeypatch):
   _, full = reference
   args = npz_args(npz_file, tmp_path, *REFERENCE, "--optimizer", "imbsam")
 
   class Interrupt(Exception):
     pass
 
-  def stop_after_first_epoch(optimizer, seed, epoch, metrics):
+  train_epoch = long_tailed.train_epoch
+
+  def stop_in_second_epoch(*args, epoch, **kwargs):
     if epoch == 1:
       raise Interrupt
+    return train_epoch(*args, epoch=epoch, **kwargs)
 
-  config = long_tailed.config_from_args(long_tailed.build_parser().parse_args(args))
-  with pytest.raises(Interrupt):
-    long_tailed.run_experiment(config, on_epoch_end=stop_after_first_epoch, log=None)
-  ckpt = tmp_path / "checkpoints" / "imbsam_seed0"
+  with monkeypatch.context() as patch:
+    patch.setattr(long_tailed, "train_epoch", stop_in_second_epoch)
+    with pytest.raises(Interrupt):
+      long_tailed.main(args)
+  ckpt = tmp_path / "checkpoints" / "imbsam_rho0.05_eta20_seed0"
   assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["1"]
 
   resumed = long_tailed.main([*args, "--resume"])
@@ -302,7 +387,7 @@ def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path):
   assert again["epochs_trained_now"] == 0 and again["compiles"]["train_step"] == 0
   assert again["per_class"] == full["runs"][2]["per_class"]
   # Another configuration is refused.
-  with pytest.raises(ValueError, match=r"different configuration.*lr"):
+  with pytest.raises(ValueError, match=r"other options.*lr"):
     long_tailed.main([*args, "--resume", "--lr", "0.5"])
 
 
@@ -316,9 +401,9 @@ def test_tail_capacity_fast_path_matches_exact_path(reference, npz_file, tmp_pat
       *("--tail-capacity", "auto", "--checkpoint-every", "0"),
     )
   )
-  capacity = fast["runs"][0]["config"]["tail_capacity_used"]
+  capacity = fast["runs"][0]["tail_capacity"]
   assert isinstance(capacity, int) and 1 <= capacity <= 8
-  assert exact["runs"][2]["config"]["tail_capacity_used"] is None
+  assert exact["runs"][2]["tail_capacity"] is None
   for key in ("train_loss", "train_tail_grad_norm"):  # small_cnn: no BatchNorm
     np.testing.assert_allclose(
       fast["runs"][0]["history"][key], exact["runs"][2]["history"][key], rtol=1e-4
@@ -350,7 +435,7 @@ def test_digits_default_dataset(tmp_path):
   assert config["dataset"] == "digits-lt" and config["model"] == "small_cnn"
   assert config["eval_batch_size_used"] == 500  # 2 padded eval batches
   assert run["compiles"] == {"train_step": 1, "eval_step": 1}
-  assert not (tmp_path / "checkpoints" / "sgd_seed0").exists()
+  assert not (tmp_path / "checkpoints" / "base_seed0").exists()
 
 
 def test_folder_dataset(tmp_path):
@@ -373,7 +458,7 @@ def test_folder_dataset(tmp_path):
   assert run["train_counts"] == [20, 10, 6, 4]  # profile 20, 12, 7, 5 clipped
   assert run["split_classes"] == {"many": [0], "medium": [1, 2], "few": [3]}
   assert run["config"]["class_names"] == ["class0", "class1", "class2", "class3"]
-  assert run["config"]["tail_classes"] == [3]
+  assert run["tail_classes"] is None  # sgd does not use eta
   assert run["config"]["image_shape"] == [8, 8, 3]
 
 
@@ -396,3 +481,101 @@ def test_mock_tfds_cifar10_lt(tmp_path, monkeypatch):
   assert config["augment_used"] == "crop-flip"  # 32x32 images
   assert config["imbalance_ratio"] == 2.0 and sum(run["test_counts"]) == 48
   assert run["compiles"] == {"train_step": 1, "eval_step": 1}
+
+
+# ------------------------------------------------------------- sweeps, presets
+
+
+def test_rho_eta_sweep_on_digits(tmp_path, capsys):
+  """A 2x2 rho x eta grid, two seeds: every cell once, the ablation figure."""
+  results = long_tailed.main(
+    [
+      *("--epochs", "1", "--seed", "0,1", "--rho", "0.02,0.1", "--eta", "10,20"),
+      *("--out", str(tmp_path), "--checkpoint-every", "0", "--no-progress"),
+    ]
+  )
+  runs = results["runs"]
+  cells = [(r["optimizer"], r["rho"], r["eta"], r["seed"]) for r in runs]
+  want = [
+    (o, rho, eta, seed)
+    for seed in (0, 1)
+    for o, rho, eta in [
+      ("sgd", None, None),
+      *(("sam", rho, None) for rho in (0.02, 0.1)),
+      *(("imbsam", rho, eta) for rho in (0.02, 0.1) for eta in (10.0, 20.0)),
+    ]
+  ]
+  assert cells == want  # base once per seed, sam once per rho
+  assert list(results["summary"]) == [
+    "sgd",
+    "sam rho=0.02",
+    "sam rho=0.1",
+    "imbsam rho=0.02 eta=10",
+    "imbsam rho=0.02 eta=20",
+    "imbsam rho=0.1 eta=10",
+    "imbsam rho=0.1 eta=20",
+  ]
+  entry = results["summary"]["imbsam rho=0.1 eta=10"]
+  assert entry["seeds"] == [0, 1] and entry["few"]["n"] == 2
+  assert {r["config"]["eta"] for r in runs if r["optimizer"] == "imbsam"} == {
+    10.0,
+    20.0,
+  }
+  tail = {r["eta"]: r["tail_classes"] for r in runs if r["optimizer"] == "imbsam"}
+  assert tail[10.0] == [5, 6, 7, 8, 9] and tail[20.0] == [4, 5, 6, 7, 8, 9]
+  import matplotlib.image
+
+  image = matplotlib.image.imread(tmp_path / "ablation.png")
+  assert image.shape[0] > 500 and image.shape[1] > 1000  # 2 rows x 4 panels
+  assert "imbsam rho=0.1 eta=10 (2 seeds)" in capsys.readouterr().out
+
+
+def tiny_dataset(num_classes: int, size: int = 32) -> data.Dataset:
+  """Two images per class of ``size`` x ``size`` x 3 (class 0: four)."""
+  rng = np.random.default_rng(0)
+  y = np.concatenate([[0, 0], np.repeat(np.arange(num_classes), 2)]).astype(np.int32)
+  x = rng.integers(0, 255, size=(len(y), size, size, 3), dtype=np.uint8)
+  return data.Dataset(x, y, x[:num_classes], y[:num_classes], num_classes,
+                      tuple(map(str, range(num_classes))), "tiny")  # fmt: skip
+
+
+# Each -ir50 / -ir10 preset differs from its imbalance-100 one only in the ratio
+# (checked below), which the step program does not depend on: their steps are
+# slow-marked (about 10 s of tracing and compiling each on 2 CPU cores).
+IR_VARIANTS = [n for n in PRESETS if n.endswith(("-ir50", "-ir10"))]
+
+
+def test_imbalance_variants_differ_only_in_the_ratio():
+  for name in IR_VARIANTS:
+    base = PRESETS[name.rsplit("-", 1)[0]].values
+    values = PRESETS[name].values
+    assert {k: v for k, v in values.items() if k != "imbalance_ratio"} == {
+      k: v for k, v in base.items() if k != "imbalance_ratio"
+    }
+    assert values["imbalance_ratio"] == float(name[-2:])
+
+
+@pytest.mark.parametrize(
+  "name",
+  [pytest.param(n, marks=pytest.mark.slow) if n in IR_VARIANTS else n for n in PRESETS],
+)
+def test_preset_builds_and_runs_one_step(name, tmp_path):
+  """Each preset's config, model and optimizer, one ImbSAM step on tiny inputs."""
+  config = long_tailed.options.parse(
+    Config, ["--preset", name, "--batch-size", "4", "--out", str(tmp_path)],
+    presets=PRESETS,
+  )  # fmt: skip
+  assert config.preset == name
+  for key, value in PRESETS[name].values.items():
+    if key != "batch_size":
+      assert getattr(config, key) == value, key
+  num_classes = 100 if "cifar100" in config.dataset else 10
+  shape = 8 if name == "digits-lt" else 32
+  exp = long_tailed.prepare(config, tiny_dataset(num_classes, shape))
+  assert exp.augment == (shape == 32)
+  cell = runner.Cell("imbsam", 0, {"rho": config.rho[0], "eta": 3.0})
+  steps = long_tailed.build_run(exp, cell)
+  batch = {"image": exp.dataset.x_train[:4], "label": exp.dataset.y_train[-4:]}
+  state, step_metrics = steps.train_step(steps.state, batch, jax.random.key(0))
+  assert int(state.step) == 1 and np.isfinite(float(step_metrics["loss"]))
+  assert float(step_metrics["tail_fraction"]) == 1.0  # every class has 2 < 3 images

@@ -1,4 +1,4 @@
-"""Tests of the shared training step (recipes/training.py)."""
+"""Tests of the shared training step (examples/shared/training.py)."""
 
 import chex
 import jax
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import imbsam_jax
-from imbsam_jax.recipes import training
+from shared import training
 
 COUNTS = np.array([200, 40, 6])
 MASK_FN = imbsam_jax.tail_mask_from_counts(COUNTS, eta=20)
@@ -97,12 +97,12 @@ def base_tx():
 @pytest.mark.parametrize(
   "method, kwargs, reference",
   [
-    ("sgd", {}, lambda pure, p, b: jax.grad(lambda q: pure(q, b).mean())(p)),
+    ("base", {}, lambda pure, p, b: jax.grad(lambda q: pure(q, b).mean())(p)),
     ("sam", {}, sam_grads),
     ("imbsam", {}, imbsam_grads),
     ("imbsam", {"tail_mask_fn": MASK_FN}, imbsam_grads),
   ],
-  ids=["sgd", "sam", "imbsam", "imbsam-one-forward"],
+  ids=["base", "sam", "imbsam", "imbsam-one-forward"],
 )
 def test_step_matches_reference(method, kwargs, reference):
   tx = training.make_optimizer(method, base_tx(), rho=0.1, tail_mask_fn=MASK_FN)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from imbsam_jax.recipes import long_tailed
+from long_tailed import train as long_tailed
 
 TRAIN_COUNTS = [24, 12, 6, 6]  # classes 1..3 are tail (< eta = 20)
 

@@ -267,3 +267,45 @@ def roc_curve(scores: Any, is_anomaly: Any) -> tuple[np.ndarray, np.ndarray]:
   fpr = np.r_[0.0, false_pos / false_pos[-1]]
   tpr = np.r_[0.0, true_pos / true_pos[-1]]
   return fpr, tpr
+
+
+def classification_report(
+  predictions: Any,
+  labels: Any,
+  train_counts: Any,
+  *,
+  many_threshold: int = MANY_THRESHOLD,
+  few_threshold: int = FEW_THRESHOLD,
+) -> dict[str, Any]:
+  """Overall, Many/Medium/Few and per-class test accuracy, JSON-ready.
+
+  Args:
+    predictions: ``(N,)`` predicted classes or ``(N, C)`` logits.
+    labels: ``(N,)`` true classes.
+    train_counts: ``(C,)`` training images per class (defines the splits).
+    many_threshold: Many: more training images than this.
+    few_threshold: Few: fewer training images than this.
+
+  Returns:
+    ``{"overall", "many", "medium", "few", "per_class", "test_counts",
+    "split_classes"}``: accuracies in [0, 1]; a split without classes, or a
+    class without test images, is ``None``; ``split_classes`` lists each
+    split's class indices.
+
+  Example:
+    >>> r = classification_report([0, 0, 1, 1, 2, 0], [0, 0, 1, 2, 2, 2],
+    ...                           [200, 50, 5])
+    >>> r["overall"], r["many"], r["medium"], r["few"]
+    (0.666..., 1.0, 1.0, 0.333...)
+  """
+  counts = np.asarray(train_counts)
+  thresholds = {"many_threshold": many_threshold, "few_threshold": few_threshold}
+  per_class = per_class_accuracy(predictions, labels, len(counts))
+  masks = class_splits(counts, **thresholds)
+  return {
+    "overall": accuracy(predictions, labels),
+    **split_accuracy(per_class, counts, **thresholds),
+    "per_class": [None if np.isnan(a) else float(a) for a in per_class],
+    "test_counts": np.bincount(np.asarray(labels), minlength=len(counts)).tolist(),
+    "split_classes": {k: np.flatnonzero(m).tolist() for k, m in masks.items()},
+  }

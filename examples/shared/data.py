@@ -105,6 +105,28 @@ def valid_specs() -> tuple[str, ...]:
   return (*_DIGITS_SPECS, *_TFDS_SPECS, "folder:PATH", "npz:FILE")
 
 
+def check_spec(spec: str) -> None:
+  """Raises a ValueError unless ``spec`` names a source (and its path exists).
+
+  Example:
+    >>> check_spec("digits-lt")
+    >>> check_spec("svhn")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown dataset 'svhn'; valid: digits, digits-lt, cifar10, ...
+  """
+  if spec in _DIGITS_SPECS or spec in _TFDS_SPECS:
+    return
+  for prefix, exists in (("folder:", Path.is_dir), ("npz:", Path.is_file)):
+    if spec.startswith(prefix):
+      path = Path(spec.removeprefix(prefix))
+      if not exists(path):
+        kind = "directory" if prefix == "folder:" else "file"
+        raise ValueError(f"{prefix} {path} is not an existing {kind}")
+      return
+  raise ValueError(f"unknown dataset {spec!r}; valid: {', '.join(valid_specs())}")
+
+
 def load_dataset(
   spec: str,
   *,
@@ -139,6 +161,7 @@ def load_dataset(
     >>> class_counts(ds.y_train, ds.num_classes).tolist()
     [119, 71, 42, 25, 15, 9, 5, 3, 1, 1]
   """
+  check_spec(spec)
   if spec in _DIGITS_SPECS:
     arrays, class_names, name = _load_digits(), tuple(map(str, range(10))), spec
   elif spec in _TFDS_SPECS:
@@ -148,14 +171,10 @@ def load_dataset(
     path = Path(spec.removeprefix("folder:"))
     *arrays, class_names = _load_folder(path)
     name = path.resolve().name
-  elif spec.startswith("npz:"):
+  else:
     path = Path(spec.removeprefix("npz:"))
     *arrays, class_names = _load_npz(path)
     name = path.stem
-  else:
-    raise ValueError(
-      f"Unknown dataset spec {spec!r}; valid specs: {', '.join(valid_specs())}."
-    )
   x_train, y_train, x_test, y_test = arrays
   num_classes = len(class_names)
   if imbalance_ratio is None:
@@ -691,8 +710,6 @@ def _load_npz(
   float32, values kept). ``num_classes`` is ``len(class_names)`` if stored,
   else the largest label + 1.
   """
-  if not path.is_file():
-    raise ValueError(f"npz: file {path} does not exist.")
   with np.load(path, allow_pickle=False) as data:
     missing = [k for k in _NPZ_KEYS if k not in data.files]
     if missing:

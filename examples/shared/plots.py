@@ -13,7 +13,8 @@ line is the mean over runs and a shaded band spans the runs' minimum to maximum.
   of training images (log x), the long-tailed picture.
 * :func:`draw_per_class`: the same drawing on a given axes, for multi-panel
   figures (e.g. per-class curvature).
-* :func:`plot_history`: a per-epoch quantity (training loss, accuracy, AUROC).
+* :func:`plot_ablation`: metrics against each swept setting (``rho``, ``eta``),
+  mean and spread over seeds: the paper's ablation figure.
 * :func:`plot_roc_grid`: ROC curves with their areas, one panel per setting
   (normal class) and several runs per method, for anomaly detection.
 """
@@ -50,16 +51,18 @@ def _runs(values: Any, name: str, length: int | None = None) -> np.ndarray:
   return array
 
 
-def _new_figure() -> tuple[Figure, Any]:
-  figure = Figure(figsize=_FIGSIZE, layout="constrained")
-  FigureCanvasAgg(figure)
-  return figure, figure.add_subplot()
+def figure(width: float = _FIGSIZE[0], height: float = _FIGSIZE[1]) -> Figure:
+  """A new figure with its own Agg canvas (no pyplot state)."""
+  fig = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+  """Writes ``fig`` as a PNG (parent directories created); returns the path."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=DPI, format="png")
+  fig.savefig(path, dpi=DPI, format="png")
   return path
 
 
@@ -184,14 +187,15 @@ def plot_per_class_accuracy(
   """
   if not per_class:
     raise ValueError("per_class is empty.")
-  figure, ax = _new_figure()
+  fig = figure()
+  ax = fig.add_subplot()
   draw_per_class(ax, train_counts, per_class, thresholds=thresholds, what="per_class")
   ax.set_ylim(-0.03, 1.03)
   ax.set_ylabel("test accuracy of the class")
   ax.legend(loc="lower right")
   if title:
     ax.set_title(title, fontsize=10)
-  return _save(figure, path)
+  return save(fig, path)
 
 
 def _nanmean_columns(block: np.ndarray) -> np.ndarray:
@@ -200,50 +204,91 @@ def _nanmean_columns(block: np.ndarray) -> np.ndarray:
     return np.nanmean(block, axis=1)
 
 
-def plot_history(
-  histories: Mapping[str, Any],
+def plot_ablation(
+  runs: Sequence[Mapping[str, Any]],
+  keys: Sequence[str],
+  metrics: Mapping[str, str],
   path: str | os.PathLike[str],
   *,
-  ylabel: str,
-  xlabel: str = "epoch",
   title: str | None = None,
-  log_y: bool = False,
 ) -> Path:
-  """A per-epoch quantity, one line per method (mean over runs, min..max band).
+  """Metrics against each swept setting: the paper's ablation figure.
+
+  One row of panels per swept key (e.g. ``rho``, ``eta``), one column per metric
+  (e.g. Many / Medium / Few / Overall accuracy). In the panels of key ``k``, each
+  group of runs that share the optimizer and the other swept values is a line
+  over the values of ``k``: the mean over seeds with error bars of one standard
+  deviation. A group that does not use ``k`` (its value is ``None``, e.g. SGD for
+  ``rho``) is a dashed horizontal line with a band of one standard deviation.
 
   Args:
-    histories: method name -> values, ``(epochs,)`` or ``(runs, epochs)``;
-      point ``i`` is drawn at x = ``i + 1`` (after epoch ``i + 1``).
+    runs: run entries with ``optimizer``, ``seed``, the ``keys`` and the metrics
+      (``None`` metric values are left out).
+    keys: the swept settings, one row each.
+    metrics: run entry key -> panel title.
     path: the PNG file to write.
-    ylabel: y axis label.
-    xlabel: x axis label.
     title: figure title.
-    log_y: log-scale y axis (e.g. for losses).
 
   Returns:
     ``path`` as a :class:`pathlib.Path`.
 
   Example:
     >>> import tempfile, pathlib
-    >>> out = pathlib.Path(tempfile.mkdtemp()) / "loss.png"
-    >>> plot_history({"sgd": [[1.0, 0.5], [0.9, 0.6]]}, out, ylabel="loss").name
-    'loss.png'
+    >>> runs = [{"optimizer": o, "seed": 0, "rho": r, "acc": a} for o, r, a in
+    ...         [("sgd", None, 0.5), ("sam", 0.01, 0.6), ("sam", 0.1, 0.55)]]
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "ablation.png"
+    >>> plot_ablation(runs, ["rho"], {"acc": "accuracy"}, out).name
+    'ablation.png'
   """
-  if not histories:
-    raise ValueError("histories is empty.")
-  figure, ax = _new_figure()
-  for name, values in histories.items():
-    runs = _runs(values, f"histories[{name!r}]")
-    _mean_and_band(ax, np.arange(1, runs.shape[1] + 1), runs, name)
-  if log_y:
-    ax.set_yscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.grid(True, alpha=0.3)
-  ax.legend()
+  if not runs or not keys or not metrics:
+    raise ValueError("plot_ablation needs runs, keys and metrics.")
+  fig = figure(3.2 * len(metrics), 2.8 * len(keys) + 0.5)
+  axes = fig.subplots(len(keys), len(metrics), squeeze=False)
+  optimizers = list(dict.fromkeys(r["optimizer"] for r in runs))
+  for row, key in enumerate(keys):
+    values = sorted({r[key] for r in runs if r.get(key) is not None})
+    others = [k for k in keys if k != key]
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+      tag = " ".join(
+        [r["optimizer"], *(f"{k}={r[k]:g}" for k in others if r.get(k) is not None)]
+      )
+      groups.setdefault(tag, []).append(r)
+    for col, (metric, name) in enumerate(metrics.items()):
+      ax = axes[row, col]
+      seen: dict[str, int] = {}
+      for tag, members in groups.items():
+        optimizer = members[0]["optimizer"]
+        color = f"C{optimizers.index(optimizer) % 10}"
+        k = seen[optimizer] = seen.get(optimizer, -1) + 1  # k-th line of this color
+        if members[0].get(key) is None:
+          finite = [m[metric] for m in members if m[metric] is not None]
+          if finite:
+            mean, std = np.mean(finite), np.std(finite)
+            ls = ("--", ":", "-.")[k % 3]
+            ax.axhline(mean, color=color, ls=ls, lw=1, label=tag)
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.1, lw=0)
+          continue
+        xs, means, stds = [], [], []
+        for x in values:
+          finite = [m[metric] for m in members if m[key] == x and m[metric] is not None]
+          if finite:
+            xs.append(x)
+            means.append(np.mean(finite))
+            stds.append(np.std(finite))
+        marker = "osD^v"[k % 5]
+        ax.errorbar(
+          xs, means, yerr=stds, color=color, marker=marker, ms=4, capsize=3, label=tag
+        )
+      if len(values) > 1 and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_xscale("log")
+      ax.set_xlabel(key)
+      ax.set_title(name, fontsize=9)
+      ax.grid(True, alpha=0.3)
+    axes[row, 0].legend(fontsize=6)
   if title:
-    ax.set_title(title, fontsize=10)
-  return _save(figure, path)
+    fig.suptitle(title, fontsize=10)
+  return save(fig, path)
 
 
 def plot_roc_grid(
@@ -258,7 +303,7 @@ def plot_roc_grid(
   One panel per entry of ``panels`` (e.g. one per normal class); in a panel each
   method has one colour and each of its runs (seeds) one line; the legend gives
   the method's mean trapezoidal area (its mean AUROC for curves from
-  :func:`imbsam_jax.recipes.metrics.roc_curve`).
+  :func:`shared.metrics.roc_curve`).
 
   Args:
     panels: panel title -> method -> list of ``(fpr, tpr)`` curves.
@@ -279,9 +324,8 @@ def plot_roc_grid(
     raise ValueError("panels is empty.")
   cols = max(1, min(columns, len(panels)))
   rows = -(-len(panels) // cols)
-  figure = Figure(figsize=(3.0 * cols, 3.0 * rows + 0.4), layout="constrained")
-  FigureCanvasAgg(figure)
-  axes = figure.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+  fig = figure(3.0 * cols, 3.0 * rows + 0.4)
+  axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
   methods = list(dict.fromkeys(m for panel in panels.values() for m in panel))
   for ax, (panel_title, by_method) in zip(axes.flat, panels.items(), strict=False):
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
@@ -312,5 +356,5 @@ def plot_roc_grid(
   for ax in axes[:, 0]:
     ax.set_ylabel("true positive rate", fontsize=8)
   if title:
-    figure.suptitle(title, fontsize=10)
-  return _save(figure, path)
+    fig.suptitle(title, fontsize=10)
+  return save(fig, path)

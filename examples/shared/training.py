@@ -1,9 +1,9 @@
-"""Jitted training steps shared by the example applications.
+"""The jitted training step shared by the example applications.
 
 One pure step function, ``(state, batch, key) -> (state, metrics)``, for the three
 methods the examples compare:
 
-- ``"sgd"``: the base optimizer on the clean gradient (3 passes, counting a forward
+- ``"base"``: the base optimizer on the clean gradient (3 passes, counting a forward
   on the batch as 1 and a backward as 2);
 - ``"sam"``: :func:`optax.contrib.sam` in opaque mode, the perturbation
   ``rho * g / ||g||`` from the full-batch gradient (6 passes);
@@ -34,8 +34,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imbsam_jax
-
-METHODS = ("sgd", "sam", "imbsam")
+import imbsam_jax.flax
+from shared.runner import METHODS
 
 #: ``per_example_loss(model, batch) -> (losses (B,), metrics dict of scalars)``.
 PerExampleLoss = Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
@@ -68,7 +68,7 @@ def make_optimizer(
   """The optimizer of ``method``, wrapping ``base_tx``.
 
   Args:
-    method: ``"sgd"`` (``base_tx`` itself), ``"sam"`` or ``"imbsam"``.
+    method: ``"base"`` (``base_tx`` itself), ``"sam"`` or ``"imbsam"``.
     base_tx: the base optimizer, e.g. SGD with momentum and weight decay.
     rho: perturbation radius of SAM and ImbSAM (the same meaning for both).
     tail_mask_fn: ImbSAM's ``labels -> (B,)`` tail weights.
@@ -79,12 +79,12 @@ def make_optimizer(
 
   Example:
     >>> import optax
-    >>> from imbsam_jax.recipes import training
+    >>> from shared import training
     >>> tx = training.make_optimizer("sam", optax.sgd(0.1), rho=0.05)
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-  if method == "sgd":
+  if method == "base":
     return base_tx
   if method == "sam":
     adversarial = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
@@ -129,7 +129,7 @@ def make_train_step(
     graphdef: from :func:`init_train_state` (the model in train mode).
     per_example_loss: ``(model, batch) -> (losses, metrics)``: per-example losses
       of shape ``(B,)`` and a dict of scalar metrics to report.
-    method: ``"sgd"``, ``"sam"`` or ``"imbsam"``, matching ``tx``.
+    method: ``"base"``, ``"sam"`` or ``"imbsam"``, matching ``tx``.
     tx: from :func:`make_optimizer`.
     labels_key: the batch entry ImbSAM's ``tail_mask_fn`` reads.
     tail_mask_fn: for ``"imbsam"``: when given, the clean pass also returns the
@@ -144,29 +144,27 @@ def make_train_step(
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
 
-  def forward(params, model_state, batch):
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    losses, metrics = per_example_loss(model, batch)
-    return losses, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
   def step(state: TrainState, batch: Any, key: jax.Array):
     if augment is not None:
       batch = augment(key, batch)
-    pure_loss = lambda p, b: forward(p, state.model_state, b)[0]
+    # (params, batch) -> (losses, (metrics, model_state)) on a copy of the model.
+    forward = imbsam_jax.flax.nnx_loss_fn(
+      graphdef, per_example_loss, state.model_state, has_aux=True, with_state=True
+    )
+    pure_loss = lambda p, b: forward(p, b)[0]
 
     extra: dict[str, Any] = {}
     if method == "imbsam" and tail_mask_fn is not None:
-      clean = lambda p, b: forward(p, state.model_state, b)
       (loss, (metrics, model_state)), grads, tail_grads = (
         imbsam_jax.value_and_tail_grads(
-          clean, state.params, batch, tail_mask_fn(batch[labels_key]), has_aux=True
+          forward, state.params, batch, tail_mask_fn(batch[labels_key]), has_aux=True
         )
       )
       extra["tail_grads"] = tail_grads
     else:
 
       def mean_loss(p):
-        losses, aux = forward(p, state.model_state, batch)
+        losses, aux = forward(p, batch)
         return jnp.mean(losses.astype(jnp.float32)), aux
 
       (loss, (metrics, model_state)), grads = jax.value_and_grad(
@@ -199,7 +197,7 @@ def random_crop_flip(
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from imbsam_jax.recipes.training import random_crop_flip
+    >>> from shared.training import random_crop_flip
     >>> random_crop_flip(jax.random.key(0), jnp.ones((2, 32, 32, 3))).shape
     (2, 32, 32, 3)
   """

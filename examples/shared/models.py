@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 Norm = Literal["batch", "group", "none"]
-_NORMS = ("batch", "group", "none")
+NORMS = ("batch", "group", "none")
 
 # PyTorch's defaults (the reference implementations are PyTorch): BatchNorm2d momentum
 # 0.1 (Flax counts the other way: 0.9) and epsilon 1e-5; Kaiming-normal weights
@@ -73,8 +73,8 @@ _kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _check_norm(norm: str) -> None:
-  if norm not in _NORMS:
-    raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
 def _num_groups(channels: int) -> int:
@@ -315,6 +315,124 @@ class ResNet32(CifarResNet):
       width=width,
       rngs=rngs,
     )
+
+
+# ---------------------------------------------------------------------------------
+# ImageNet-style ResNet (He et al.), with an optional CIFAR stem.
+
+
+def _conv(cin: int, cout: int, size: int, stride: int, rngs: nnx.Rngs, groups: int = 1):
+  return nnx.Conv(
+    cin,
+    cout,
+    (size, size),
+    strides=stride,
+    padding=size // 2,
+    feature_group_count=groups,
+    use_bias=False,
+    kernel_init=_kaiming_normal,
+    rngs=rngs,
+  )
+
+
+class _ResidualBlock(nnx.Module):
+  """A basic (two 3x3) or bottleneck (1x1, grouped 3x3, 1x1 x4) residual block.
+
+  The shortcut is the identity, or a strided 1x1 convolution and norm when the
+  shape changes (He et al.'s option B, as in torchvision).
+  """
+
+  def __init__(
+    self, cin: int, width: int, stride: int, *, bottleneck: bool, groups: int,
+    base_width: int, norm: str, rngs: nnx.Rngs,
+  ):  # fmt: skip
+    if bottleneck:
+      inner = int(width * base_width / 64) * groups
+      cout = 4 * width
+      shapes = [(cin, inner, 1, 1, 1), (inner, inner, 3, stride, groups)]
+      shapes.append((inner, cout, 1, 1, 1))
+    else:
+      cout = width
+      shapes = [(cin, width, 3, stride, 1), (width, width, 3, 1, 1)]
+    self.convs = nnx.List([_conv(a, b, k, s, rngs, g) for a, b, k, s, g in shapes])
+    self.norms = nnx.List([_make_norm(norm, b, rngs=rngs) for _, b, *_ in shapes])
+    project = stride != 1 or cin != cout
+    self.shortcut = _conv(cin, cout, 1, stride, rngs) if project else None
+    self.shortcut_norm = _make_norm(norm, cout, rngs=rngs) if project else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x
+    for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+      y = _apply(norm, conv(y))
+      if i < len(self.convs) - 1:
+        y = jax.nn.relu(y)
+    if self.shortcut is not None:
+      x = _apply(self.shortcut_norm, self.shortcut(x))
+    return jax.nn.relu(y + x)
+
+
+class ResNet(nnx.Module):
+  """ResNet / ResNeXt of He et al. (2016) and Xie et al. (2017), torchvision layout.
+
+  Four stages of ``stage_sizes`` blocks with 64, 128, 256, 512 base channels
+  (stride 2 at the start of stages 2-4), global average pooling, a linear
+  classifier. ``stem="imagenet"``: 7x7 stride-2 convolution and 3x3 stride-2
+  max-pool; ``stem="cifar"``: one 3x3 stride-1 convolution, no max-pool (the
+  ResNet-34 variant of the ImbSAM authors' CIFAR experiments). Use
+  :func:`create_model` names ``resnet34_cifar``, ``resnet50``,
+  ``resnext50_32x4d``.
+
+  Args:
+    num_classes: number of logits.
+    stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-34/50.
+    bottleneck: bottleneck blocks (ResNet-50 and deeper) instead of basic.
+    groups: grouped-convolution cardinality (32 for ResNeXt-50 32x4d).
+    width_per_group: channels per group (4 for ResNeXt-50 32x4d).
+    stem: ``"imagenet"`` or ``"cifar"``.
+    in_channels: input channels.
+    norm: ``"batch"``, ``"group"`` or ``"none"``.
+    rngs: random number generators for initialisation.
+
+  >>> make = lambda: ResNet(10, stage_sizes=(3, 4, 6, 3), stem="cifar",
+  ...                       rngs=nnx.Rngs(0))
+  >>> num_params(nnx.eval_shape(make))  # as kuangliu/pytorch-cifar's ResNet34
+  21282122
+  """
+
+  def __init__(
+    self, num_classes: int, *, stage_sizes: Sequence[int], bottleneck: bool = False,
+    groups: int = 1, width_per_group: int = 64, stem: str = "imagenet",
+    in_channels: int = 3, norm: Norm = "batch", rngs: nnx.Rngs,
+  ):  # fmt: skip
+    _check_norm(norm)
+    if stem not in ("imagenet", "cifar"):
+      raise ValueError(f"stem must be imagenet or cifar, got {stem!r}")
+    self.norm = norm
+    self.imagenet_stem = stem == "imagenet"
+    self.stem = _conv(in_channels, 64, 7 if self.imagenet_stem else 3,
+                      2 if self.imagenet_stem else 1, rngs)  # fmt: skip
+    self.stem_norm = _make_norm(norm, 64, rngs=rngs)
+    blocks, channels = [], 64
+    for stage, size in enumerate(stage_sizes):
+      for i in range(size):
+        block = _ResidualBlock(
+          channels, 64 * 2**stage, 2 if stage > 0 and i == 0 else 1,
+          bottleneck=bottleneck, groups=groups, base_width=width_per_group,
+          norm=norm, rngs=rngs,
+        )  # fmt: skip
+        blocks.append(block)
+        channels = 64 * 2**stage * (4 if bottleneck else 1)
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits ``(B, num_classes)`` for images ``x`` of shape ``(B, H, W, C)``."""
+    x = jax.nn.relu(_apply(self.stem_norm, self.stem(x)))
+    if self.imagenet_stem:
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(jnp.mean(x, axis=(1, 2)))
 
 
 # ---------------------------------------------------------------------------------
@@ -602,7 +720,19 @@ class DeepSADAutoencoder(nnx.Module):
 # Factory.
 
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
-MODEL_NAMES: tuple[str, ...] = (*_RESNET_DEPTHS, "small_cnn", "deep_sad")
+_IMAGENET_RESNETS = {
+  "resnet34_cifar": dict(stage_sizes=(3, 4, 6, 3), stem="cifar"),
+  "resnet50": dict(stage_sizes=(3, 4, 6, 3), bottleneck=True),
+  "resnext50_32x4d": dict(
+    stage_sizes=(3, 4, 6, 3), bottleneck=True, groups=32, width_per_group=4
+  ),
+}
+MODEL_NAMES: tuple[str, ...] = (
+  *_RESNET_DEPTHS,
+  *_IMAGENET_RESNETS,
+  "small_cnn",
+  "deep_sad",
+)
 """Names accepted by :func:`create_model`."""
 
 
@@ -653,6 +783,11 @@ def create_model(
     cls = ResNet32 if depth == 32 else CifarResNet
     extra = {} if depth == 32 else {"depth": depth}
     return cls(num_classes, in_channels=in_channels, rngs=rngs, **extra, **kwargs)
+  if key in _IMAGENET_RESNETS:
+    return ResNet(
+      num_classes, in_channels=in_channels, rngs=rngs, **_IMAGENET_RESNETS[key],
+      **kwargs,
+    )  # fmt: skip
   if key == "small_cnn":
     return SmallCNN(num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
   return DeepSADEncoder(num_classes, input_shape=input_shape, rngs=rngs, **kwargs)

@@ -1,0 +1,1 @@
+"""Semi-supervised anomaly detection (Deep SAD) with the base optimizer, SAM, ImbSAM."""

@@ -1,0 +1,110 @@
+"""Options of the anomaly-detection application (Deep SAD), each defined once.
+
+The defaults are the digits setting (scikit-learn digits, offline, 10 normal
+classes x 3 seeds in about a minute on 2 CPU cores). For MNIST or CIFAR-10 follow
+Deep SAD's protocol (Ruff et al., 2020): ``--dataset mnist --lr 1e-4 --epochs
+150 --batch-size 128 --pretrain-epochs 100``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from shared import data, models, runner
+from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, option
+
+BASE_OPTIMIZERS = ("adam", "sgd")
+
+
+def dataset_spec(text: str) -> str:
+  data.check_spec(text)
+  return text
+
+
+def class_list(text: str) -> str:
+  """``--known-anomaly-classes``: random, all, or comma-separated classes."""
+  if text not in ("random", "all"):
+    try:
+      [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+      raise ValueError(f"expected random, all or class indices, got {text!r}") from None
+  return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A Deep SAD experiment: normal classes x settings x seeds x methods."""
+
+  dataset: str = option(
+    "digits", "data: digits (embedded, offline), mnist, fashion_mnist, cifar10"
+    " (TFDS), folder:PATH, npz:FILE", parse=dataset_spec,
+  )  # fmt: skip
+  data_dir: str | None = option(None, "TFDS data directory")
+  normal_class: tuple[int, ...] | None = option(
+    None, "normal classes, one experiment each (all: every class)",
+    check=NON_NEGATIVE, sweep=True, none_word="all",
+  )  # fmt: skip
+  known_anomaly_classes: str = option(
+    "random",
+    "classes of the labeled anomalies: random (one per normal class and seed,"
+    " Deep SAD's k_l = 1), all, or a comma-separated list",
+    parse=class_list,
+  )
+  labeled_anomaly_ratio: tuple[float, ...] = option(
+    (0.05,), "gamma_l: labeled anomalies among all training examples",
+    check=FRACTION, sweep=True,
+  )  # fmt: skip
+  pollution: tuple[float, ...] = option(
+    (0.1,), "gamma_p: anomalies among the unlabeled training examples",
+    check=FRACTION, sweep=True,
+  )  # fmt: skip
+  labeled_normal_ratio: float = option(
+    0.0, "gamma_n: labeled normals among all training examples", check=FRACTION
+  )
+  seed: tuple[int, ...] = option(
+    (0, 1, 2), "seeds (data draw, initialisation, batch order)", flags=("--seeds",)
+  )
+  method: tuple[str, ...] = option(
+    runner.METHODS,
+    "methods; base = the base optimizer without perturbation (sgd, adam accepted)",
+    flags=("--optimizer",),
+    choices=runner.METHODS,
+    parse=runner.method_name,
+  )
+  base_optimizer: str = option("adam", "the base optimizer", choices=BASE_OPTIMIZERS)
+  rho: tuple[float, ...] = option(
+    (0.01,), "SAM / ImbSAM perturbation radius", check=NON_NEGATIVE, sweep=True
+  )
+  lr: float = option(1e-2, "constant learning rate", check=POSITIVE)
+  weight_decay: float = option(0.5e-6, "coupled L2", check=NON_NEGATIVE)
+  momentum: float = option(0.9, "SGD momentum", check=FRACTION)
+  eta_sad: float = option(
+    1.0, "Deep SAD's weight eta of the labeled examples' loss", check=POSITIVE
+  )
+  epochs: int = option(50, "training epochs", check=POSITIVE)
+  batch_size: int = option(32, "batch size", check=POSITIVE)
+  pretrain_epochs: int = option(
+    0, "autoencoder pretraining epochs (0: none)", check=NON_NEGATIVE
+  )
+  rep_dim: int = option(32, "encoder output dimension", check=POSITIVE)
+  features: tuple[int, ...] | None = option(
+    None, "encoder conv channels (none: 8,4 for grey images, 32,64,128 for colour)",
+    check=POSITIVE,
+  )  # fmt: skip
+  norm: str = option("batch", "encoder normalisation", choices=models.NORMS)
+  eval_batch_size: int = option(512, "batch size of the score passes", check=POSITIVE)
+  out: str = option("runs/anomaly", "output directory")
+  progress: bool = option(True, "show a progress bar")
+
+  def validate(self) -> None:
+    """Rules across options (raises ``ValueError("--flag: ...")``)."""
+    for ratio in self.labeled_anomaly_ratio:
+      if ratio + self.labeled_normal_ratio >= 1:
+        raise ValueError(
+          f"--labeled-anomaly-ratio: {ratio} + --labeled-normal-ratio"
+          f" {self.labeled_normal_ratio} must stay below 1"
+        )
+    if len(set(self.seed)) != len(self.seed):
+      raise ValueError(f"--seed: repeated seed in {self.seed}")
+    if len(set(self.method)) != len(self.method):
+      raise ValueError(f"--method: repeated method in {self.method}")

@@ -1,0 +1,1 @@
+"""Long-tailed classification: SGD, SAM and ImbSAM compared per Many/Medium/Few."""

@@ -1,0 +1,1 @@
+"""Per-class sharpness (top Hessian eigenvalue, trace) of long-tailed runs."""
