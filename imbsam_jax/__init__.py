@@ -4,6 +4,7 @@ from imbsam_jax._imbsam import ImbSAMState, imbsam, value_and_tail_grads
 from imbsam_jax._priors import (
   LABELED_ANOMALY,
   TailMaskFn,
+  capacity_from_tail_fraction,
   labeled_anomaly_mask,
   long_tail_counts,
   soft_tail_mask_from_counts,
@@ -19,6 +20,7 @@ __all__ = [
   "LABELED_ANOMALY",
   "ImbSAMState",
   "TailMaskFn",
+  "capacity_from_tail_fraction",
   "imbsam",
   "labeled_anomaly_mask",
   "long_tail_counts",

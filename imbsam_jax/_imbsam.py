@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from imbsam_jax._priors import TailMaskFn
+from imbsam_jax._priors import TailMaskFn, capacity_from_tail_fraction
 
 LossFn = Callable[[optax.Params, Any], jax.Array]
 Scalar = float | jax.Array
@@ -270,6 +270,27 @@ def _global_norm_f32(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def _auto_tail_fraction(tail_mask_fn: TailMaskFn) -> float:
+  """The ``tail_fraction`` that ``tail_capacity="auto"`` reads, checked."""
+  fraction = getattr(tail_mask_fn, "tail_fraction", None)
+  if fraction is None:
+    raise ValueError(
+      "tail_capacity='auto' sizes the tail passes from tail_mask_fn.tail_fraction"
+      " (the share of training examples in the tail), which the functions of"
+      " tail_mask_from_counts and soft_tail_mask_from_counts carry; this"
+      f" tail_mask_fn ({tail_mask_fn!r}) has none. Pass an integer"
+      " tail_capacity instead (e.g. from suggest_tail_capacity or"
+      " capacity_from_tail_fraction), or set tail_mask_fn.tail_fraction."
+    )
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)):
+    raise TypeError(
+      f"tail_mask_fn.tail_fraction must be a number in [0, 1], got {fraction!r}."
+    )
+  if not 0.0 <= float(fraction) <= 1.0:
+    raise ValueError(f"tail_mask_fn.tail_fraction must be in [0, 1], got {fraction!r}.")
+  return float(fraction)
+
+
 def imbsam(
   base_tx: optax.GradientTransformation,
   rho: ScalarOrSchedule,
@@ -280,7 +301,7 @@ def imbsam(
   adaptive: bool = False,
   axis_name: str | None = None,
   per_device_perturbation: bool = False,
-  tail_capacity: int | None = None,
+  tail_capacity: int | Literal["auto"] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Class-imbalanced sharpness-aware minimization (ImbSAM).
 
@@ -307,7 +328,11 @@ def imbsam(
   (see :func:`value_and_tail_grads`, one forward for both clean and tail
   gradients) to drop this to 8, the reference implementation's count; with
   ``tail_capacity=k`` both tail passes run on at most ``k`` gathered tail
-  examples: ``3 + 6 k / B``.
+  examples: ``3 + 6 k / B``. ``tail_capacity="auto"`` picks ``k`` when the
+  step is traced, from the batch size ``B`` and ``tail_mask_fn.tail_fraction``
+  (:func:`capacity_from_tail_fraction`: the binomial mean of the tail count
+  plus 2 standard deviations, a multiple of 8); ``k >= B`` means the
+  full-batch passes.
 
   Special cases: a batch without tail examples gives ``e = 0`` and exactly the
   base optimizer's step (never NaN); ``rho = 0`` is ``base_tx`` on ``grads``
@@ -372,6 +397,9 @@ def imbsam(
       examples gathered from the batch (static shapes). A batch with more tail
       examples is processed in several chunks: exact, only slower. Requires
       per-example losses that do not depend on other examples of the batch.
+      ``"auto"``: ``k`` from the batch size and ``tail_mask_fn.tail_fraction``
+      (a ``tail_mask_fn`` without it is an error); under ``shard_map``/``pmap``
+      the batch size is the per-device one.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -416,7 +444,10 @@ def imbsam(
     raise TypeError("tail_mask_fn must be callable: labels -> (B,) tail weights.")
   _check_scalar("eps", eps)
   _check_scalar("tail_loss_scale", tail_loss_scale)
-  if tail_capacity is not None and (
+  auto_fraction = None
+  if isinstance(tail_capacity, str) and tail_capacity == "auto":
+    auto_fraction = _auto_tail_fraction(tail_mask_fn)
+  elif tail_capacity is not None and (
     isinstance(tail_capacity, bool)
     or not isinstance(tail_capacity, int)
     or tail_capacity < 1
@@ -427,7 +458,8 @@ def imbsam(
       else ""
     )
     raise ValueError(
-      f"tail_capacity must be a positive int or None, got {tail_capacity!r}{hint}."
+      "tail_capacity must be a positive int, 'auto' or None, got"
+      f" {tail_capacity!r}{hint}."
     )
   if per_device_perturbation and axis_name is None:
     raise ValueError("per_device_perturbation=True needs axis_name.")
@@ -479,12 +511,16 @@ def imbsam(
     # gathered ones, which _after serialises (measured in examples/benchmark.py).
     params, updates = jax.lax.optimization_barrier((params, updates))
     grad_fn = _tail_grad_fn(loss_fn, size, axis_name)
-    fast = tail_capacity is not None and tail_capacity < size
+    if auto_fraction is not None:  # static: the batch size is known when traced
+      capacity = capacity_from_tail_fraction(auto_fraction, size)
+    else:
+      capacity = tail_capacity
+    fast = capacity is not None and capacity < size
     if fast:
       batch = _after(batch, updates)
-      order = _tail_order(weights, tail_capacity)
+      order = _tail_order(weights, capacity)
       tail_grad_at = lambda p: _chunked_tail_grad(
-        grad_fn, p, batch, weights, order, tail_capacity
+        grad_fn, p, batch, weights, order, capacity
       )
     else:
       tail_grad_at = lambda p: grad_fn(p, batch, weights)

@@ -17,6 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 TailMaskFn = Callable[[Any], jax.Array]
+"""``labels -> (B,)`` tail weights, bool or float in [0, 1].
+
+The functions of :func:`tail_mask_from_counts` and :func:`soft_tail_mask_from_counts`
+also carry ``tail_fraction`` (a float attribute): the share of training examples
+whose tail weight is above zero, from which ``imbsam(..., tail_capacity="auto")``
+sizes its tail passes. A function of your own may set it too.
+"""
 
 #: Deep SAD label of a labeled anomaly (+1 labeled normal, 0 unlabeled).
 LABELED_ANOMALY = -1
@@ -39,13 +46,15 @@ def _as_counts(class_counts: Any) -> np.ndarray:
   return counts
 
 
-def _lookup(per_class: np.ndarray) -> TailMaskFn:
+def _lookup(per_class: np.ndarray, counts: np.ndarray) -> TailMaskFn:
   """Returns ``labels -> per_class[labels]`` with a shape/dtype check.
 
   The lookup is a one-hot comparison rather than a gather, so that it keeps the
   sharding of ``labels`` under any mesh (a gather from a replicated table with
   sharded indices needs an explicit output sharding under Explicit mesh axes).
-  Labels outside ``[0, num_classes)`` get weight 0 (head).
+  Labels outside ``[0, num_classes)`` get weight 0 (head). The function carries
+  ``tail_fraction``, the share of the ``counts`` training examples whose weight
+  is above zero (absent when the counts sum to zero).
   """
   classes = np.arange(per_class.shape[0])
 
@@ -60,6 +69,10 @@ def _lookup(per_class: np.ndarray) -> TailMaskFn:
       return jnp.any(one_hot & per_class, axis=-1)
     return jnp.sum(jnp.where(one_hot, per_class, 0), axis=-1).astype(per_class.dtype)
 
+  total = float(np.sum(counts, dtype=np.float64))
+  if total > 0:
+    tail = float(np.sum(counts[per_class > 0], dtype=np.float64))
+    tail_mask_fn.tail_fraction = tail / total
   return tail_mask_fn
 
 
@@ -96,7 +109,9 @@ def tail_mask_from_counts(class_counts: Any, eta: float = 20) -> TailMaskFn:
     eta: tail threshold (default 20, the reference value on CIFAR-100-LT).
 
   Returns:
-    ``tail_mask_fn(labels) -> bool[labels.shape]``, jit-friendly.
+    ``tail_mask_fn(labels) -> bool[labels.shape]``, jit-friendly. Its attribute
+    ``tail_fraction`` is the share of training examples in the tail classes
+    (what ``imbsam(..., tail_capacity="auto")`` reads).
 
   Example:
     >>> import jax.numpy as jnp
@@ -104,8 +119,11 @@ def tail_mask_from_counts(class_counts: Any, eta: float = 20) -> TailMaskFn:
     >>> mask_fn = imbsam_jax.tail_mask_from_counts([500, 50, 5], eta=20)
     >>> mask_fn(jnp.array([0, 2, 1, 2])).tolist()
     [False, True, False, True]
+    >>> round(mask_fn.tail_fraction, 4)  # 5 / 555
+    0.009
   """
-  return _lookup(tail_classes(class_counts, eta))
+  counts = _as_counts(class_counts)
+  return _lookup(counts < eta, counts)
 
 
 def soft_tail_weights(
@@ -151,7 +169,13 @@ def soft_tail_mask_from_counts(
 ) -> TailMaskFn:
   """A ``tail_mask_fn`` giving each example its class's soft tail weight.
 
-  See :func:`soft_tail_weights` for the weights.
+  .. math::
+    t_i = \\sigma\\big((\\log \\eta - \\log n_{y_i}) / \\tau\\big)
+
+  See :func:`soft_tail_weights` for the weights. Every class with a float32
+  weight above zero takes part in the tail passes, usually all of them, so
+  its ``tail_fraction`` is about 1 and ``tail_capacity="auto"`` keeps the
+  full-batch passes (gathering would save nothing).
 
   Example:
     >>> import jax.numpy as jnp
@@ -159,8 +183,11 @@ def soft_tail_mask_from_counts(
     >>> mask_fn = imbsam_jax.soft_tail_mask_from_counts([500, 20, 5])
     >>> [round(float(v), 2) for v in mask_fn(jnp.array([2, 1]))]
     [0.94, 0.5]
+    >>> mask_fn.tail_fraction
+    1.0
   """
-  return _lookup(soft_tail_weights(class_counts, eta, temperature=temperature))
+  counts = _as_counts(class_counts)
+  return _lookup(soft_tail_weights(counts, eta, temperature=temperature), counts)
 
 
 def labeled_anomaly_mask(labels: Any) -> jax.Array:
@@ -223,43 +250,101 @@ def long_tail_counts(
   return np.array(counts, dtype=np.int64)
 
 
-def suggest_tail_capacity(
-  class_counts: Any,
-  eta: float,
+def capacity_from_tail_fraction(
+  tail_fraction: float,
   batch_size: int,
   *,
-  num_std: float = 4.0,
+  num_std: float = 2.0,
   multiple: int = 8,
 ) -> int:
-  """Suggests ``tail_capacity`` for :func:`imbsam_jax.imbsam`'s fast path.
+  """Tail capacity for a batch whose examples are tail with probability p.
 
-  With uniform sampling, the number of tail examples in a batch of size ``B``
-  is Binomial(B, p), p the tail share of the training set. The suggestion is
+  With uniform sampling the number of tail examples in a batch of size ``B`` is
+  Binomial(B, p); the capacity is that count's mean plus ``num_std`` standard
+  deviations,
 
   .. math::
-    k = \\lceil B p + s \\sqrt{B p (1 - p)} \\rceil
+    k = \\lceil B p + s \\sqrt{B p (1 - p)} \\rceil,
 
-  rounded up to a multiple of ``multiple`` and clipped to ``[1, B]``. Batches
-  with more tail examples are still exact (the transform processes the tail
-  in extra chunks), only slower.
+  rounded up to a multiple of ``multiple`` and clipped to ``[1, B]``. The one
+  rule behind :func:`suggest_tail_capacity` and ``imbsam(...,
+  tail_capacity="auto")``.
+
+  Args:
+    tail_fraction: ``p`` in [0, 1], the share of training examples with tail
+      weight above zero (``tail_mask_fn.tail_fraction``).
+    batch_size: ``B`` (per device inside ``shard_map``/``pmap``).
+    num_std: ``s`` (>= 0).
+    multiple: round ``k`` up to a multiple of this (>= 1).
+
+  Returns:
+    ``k``, an int in ``[1, B]``.
 
   Example:
     >>> import imbsam_jax
-    >>> counts = imbsam_jax.long_tail_counts(500, 100, 100)
-    >>> imbsam_jax.suggest_tail_capacity(counts, eta=20, batch_size=128)
-    16
+    >>> [imbsam_jax.capacity_from_tail_fraction(p, 128) for p in (0.03, 0.2)]
+    [8, 40]
   """
-  counts = _as_counts(class_counts).astype(np.float64)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
-  if multiple < 1:
-    raise ValueError(f"multiple must be positive, got {multiple}.")
-  total = counts.sum()
-  if total <= 0:
-    raise ValueError("class_counts must not all be zero.")
-  p = counts[counts < eta].sum() / total
+  p = float(tail_fraction)
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"tail_fraction must be in [0, 1], got {tail_fraction}.")
+  if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size}.")
+  if not (math.isfinite(num_std) and num_std >= 0):
+    raise ValueError(f"num_std must be finite and >= 0, got {num_std}.")
+  if isinstance(multiple, bool) or int(multiple) != multiple or multiple < 1:
+    raise ValueError(f"multiple must be a positive int, got {multiple}.")
+  batch_size, multiple = int(batch_size), int(multiple)
   mean = batch_size * p
   std = math.sqrt(batch_size * p * (1.0 - p))
   k = math.ceil(mean + num_std * std)
   k = multiple * math.ceil(max(k, 1) / multiple)
   return int(min(max(k, 1), batch_size))
+
+
+def suggest_tail_capacity(
+  class_counts: Any,
+  eta: float,
+  batch_size: int,
+  *,
+  num_std: float = 2.0,
+  multiple: int = 8,
+) -> int:
+  """Suggests ``tail_capacity`` for :func:`imbsam_jax.imbsam`'s fast path.
+
+  With uniform sampling, the number of tail examples in a batch of size ``B`` is
+  Binomial(B, p), p the share of training examples in classes with fewer than
+  ``eta`` samples. The suggestion is (:func:`capacity_from_tail_fraction`)
+
+  .. math::
+    k = \\lceil B p + s \\sqrt{B p (1 - p)} \\rceil
+
+  rounded up to a multiple of ``multiple`` and clipped to ``[1, B]``: what
+  ``imbsam(..., tail_capacity="auto")`` picks for ``tail_mask_from_counts(
+  class_counts, eta)``. Batches with more tail examples are still exact (the
+  transform processes the tail in extra chunks), only slower. With the
+  default ``s = 2`` about 2% of batches need a second chunk; each pass on
+  ``k`` examples costs ``k / B`` of a full-batch pass, so a small ``k`` wins.
+
+  Args:
+    class_counts: 1-D array of training-sample counts per class.
+    eta: tail threshold (strict, as in :func:`tail_classes`).
+    batch_size: ``B``.
+    num_std: ``s`` (>= 0).
+    multiple: round ``k`` up to a multiple of this.
+
+  Returns:
+    ``k``, an int in ``[1, B]``.
+
+  Example:
+    >>> import imbsam_jax
+    >>> counts = imbsam_jax.long_tail_counts(500, 100, 100)
+    >>> imbsam_jax.suggest_tail_capacity(counts, eta=20, batch_size=128)
+    8
+  """
+  counts = _as_counts(class_counts).astype(np.float64)
+  total = counts.sum()
+  if total <= 0:
+    raise ValueError("class_counts must not all be zero.")
+  p = counts[counts < eta].sum() / total
+  return capacity_from_tail_fraction(p, batch_size, num_std=num_std, multiple=multiple)

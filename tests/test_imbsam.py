@@ -560,6 +560,7 @@ def test_inconsistent_batch():
     ({"tail_capacity": 0}, ValueError, "tail_capacity"),
     ({"tail_capacity": 2.5}, ValueError, "tail_capacity"),
     ({"tail_capacity": jnp.asarray(4)}, ValueError, "static_args"),
+    ({"tail_capacity": "fast"}, ValueError, "'auto'"),
     ({"eps": -1.0}, ValueError, "eps"),
     ({"tail_loss_scale": -1.0}, ValueError, "tail_loss_scale"),
     ({"base_tx": optax.sgd}, TypeError, "base_tx"),
@@ -571,3 +572,121 @@ def test_bad_construction(kwargs, error, match):
   args.update(kwargs)
   with pytest.raises(error, match=match):
     imbsam_jax.imbsam(**args)
+
+
+# --- tail_capacity="auto" ------------------------------------------------------
+
+
+def traced_batch_sizes(mask_fn, batch_size, **imbsam_kwargs):
+  """The leading sizes of the batches loss_fn is traced with, in one step."""
+  sizes = []
+
+  def recording_loss_fn(params, batch):
+    sizes.append(batch["x"].shape[0])
+    return loss_fn(params, batch)
+
+  tx = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, mask_fn, **imbsam_kwargs)
+  rng = np.random.default_rng(0)
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(batch_size, 5)), jnp.float32),
+    "y": jnp.asarray(rng.integers(0, NUM_CLASSES, size=batch_size), jnp.int32),
+  }
+  params = init_params()
+
+  def step(params, state, batch):
+    updates, state = tx.update(
+      clean_grads(params, batch),
+      state,
+      params,
+      loss_fn=recording_loss_fn,
+      batch=batch,
+      labels=batch["y"],
+    )
+    return optax.apply_updates(params, updates), state
+
+  jax.jit(step).lower(params, tx.init(params), batch)
+  return sizes
+
+
+@pytest.mark.parametrize("batch_size", [16, 64, 128, 200])
+def test_auto_capacity_is_the_suggested_one(batch_size):
+  """ "auto" traces exactly the passes of the explicit suggest_tail_capacity k."""
+  k = imbsam_jax.suggest_tail_capacity(COUNTS, 20, batch_size)
+  assert k == imbsam_jax.capacity_from_tail_fraction(
+    HARD_MASK.tail_fraction, batch_size
+  )
+  auto = traced_batch_sizes(HARD_MASK, batch_size, tail_capacity="auto")
+  explicit = traced_batch_sizes(HARD_MASK, batch_size, tail_capacity=k)
+  assert auto == explicit
+  assert k in auto and k < batch_size  # the gathered passes ran on k examples
+
+
+def test_auto_capacity_soft_mask_keeps_full_batch_passes():
+  """Every example has soft weight > 0: k = B, the full-batch passes."""
+  assert SOFT_MASK.tail_fraction == 1.0
+  sizes = traced_batch_sizes(SOFT_MASK, BATCH, tail_capacity="auto")
+  assert set(sizes) == {BATCH}
+  assert sizes == traced_batch_sizes(SOFT_MASK, BATCH)
+
+
+@pytest.mark.parametrize("mask", ["hard", "soft"])
+def test_auto_capacity_matches_exact(mask):
+  mask_fn = {"hard": HARD_MASK, "soft": SOFT_MASK}[mask]
+  params = init_params()
+  batches = [make_batch(s, num_tail=n) for s, n in [(0, 3), (1, 0), (2, 12)]]
+  want, _ = run_imbsam(
+    imbsam_jax.imbsam(optax.sgd(0.3), 0.2, mask_fn), params, batches, jit=True
+  )
+  got, _ = run_imbsam(
+    imbsam_jax.imbsam(optax.sgd(0.3), 0.2, mask_fn, tail_capacity="auto"),
+    params,
+    batches,
+    jit=True,
+  )
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_capacity_own_mask_function():
+  """A function of one's own opts in by carrying tail_fraction."""
+
+  def mask_fn(labels):
+    return labels == 3
+
+  with pytest.raises(ValueError, match=r"tail_fraction.*integer tail_capacity"):
+    imbsam_jax.imbsam(optax.sgd(0.1), 0.05, mask_fn, tail_capacity="auto")
+  with pytest.raises(ValueError, match="tail_fraction"):
+    imbsam_jax.imbsam(
+      optax.sgd(0.1), 0.05, imbsam_jax.labeled_anomaly_mask, tail_capacity="auto"
+    )
+  mask_fn.tail_fraction = 0.01
+  assert 8 in traced_batch_sizes(mask_fn, 64, tail_capacity="auto")
+  mask_fn.tail_fraction = 1.5
+  with pytest.raises(ValueError, match="tail_fraction"):
+    imbsam_jax.imbsam(optax.sgd(0.1), 0.05, mask_fn, tail_capacity="auto")
+  mask_fn.tail_fraction = "a lot"
+  with pytest.raises(TypeError, match="tail_fraction"):
+    imbsam_jax.imbsam(optax.sgd(0.1), 0.05, mask_fn, tail_capacity="auto")
+
+
+def test_auto_capacity_no_recompilation_and_inject_hyperparams():
+  """ "auto" is static: one trace over batches with 0..16 tail examples."""
+  tx = optax.inject_hyperparams(imbsam_jax.imbsam, static_args=("tail_mask_fn",))(
+    optax.adam(0.05), rho=0.05, tail_mask_fn=HARD_MASK, tail_capacity="auto"
+  )
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    grads = clean_grads(params, batch)
+    updates, state = tx.update(
+      grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+    return optax.apply_updates(params, updates), state
+
+  params = init_params()
+  state = tx.init(params)
+  for seed, num_tail in enumerate([0, 3, 9, 1, 16]):
+    params, state = step(params, state, make_batch(seed, num_tail=num_tail))
+  assert len(traces) == 1 and step._cache_size() == 1
+  chex.assert_tree_all_finite(params)

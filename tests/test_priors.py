@@ -79,10 +79,60 @@ def test_suggest_tail_capacity():
   counts = imbsam_jax.long_tail_counts(500, 100, 100)
   k = imbsam_jax.suggest_tail_capacity(counts, eta=20, batch_size=128)
   p = 0.0281
-  assert k >= 128 * p + 4 * np.sqrt(128 * p * (1 - p)) and k % 8 == 0
+  assert k >= 128 * p + 2 * np.sqrt(128 * p * (1 - p)) and k % 8 == 0
+  assert k == 8
+  k4 = imbsam_jax.suggest_tail_capacity(counts, eta=20, batch_size=128, num_std=4)
+  assert k4 >= 128 * p + 4 * np.sqrt(128 * p * (1 - p)) and k4 == 16
   assert imbsam_jax.suggest_tail_capacity(counts, eta=1, batch_size=128) == 8
   assert imbsam_jax.suggest_tail_capacity([1, 1], eta=5, batch_size=12) == 12
   assert imbsam_jax.suggest_tail_capacity(counts, 20, 128, multiple=1, num_std=0) == 4
+
+
+def test_masks_carry_tail_fraction():
+  """tail_fraction: share of training examples with weight > 0, for "auto"."""
+  counts = imbsam_jax.long_tail_counts(500, 100, 100)
+  mask_fn = imbsam_jax.tail_mask_from_counts(counts, eta=20)
+  want = counts[counts < 20].sum() / counts.sum()
+  assert mask_fn.tail_fraction == pytest.approx(want, rel=1e-12)
+  # One rule: suggest_tail_capacity is the capacity of that fraction.
+  for batch_size in (1, 7, 32, 128, 1000):
+    assert imbsam_jax.suggest_tail_capacity(
+      counts, 20, batch_size
+    ) == imbsam_jax.capacity_from_tail_fraction(mask_fn.tail_fraction, batch_size)
+  # Soft weights are above zero for every class: all examples take part.
+  soft = imbsam_jax.soft_tail_mask_from_counts(counts, eta=20)
+  assert soft.tail_fraction == 1.0
+  assert imbsam_jax.capacity_from_tail_fraction(soft.tail_fraction, 128) == 128
+  assert imbsam_jax.tail_mask_from_counts([10, 30], eta=5).tail_fraction == 0.0
+  assert not hasattr(imbsam_jax.tail_mask_from_counts([0, 0], eta=5), "tail_fraction")
+
+
+@pytest.mark.parametrize(
+  "p, batch_size, want",
+  [(0.0, 128, 8), (1.0, 128, 128), (0.03, 128, 8), (0.2, 128, 40), (0.5, 4, 4)],
+)
+def test_capacity_from_tail_fraction(p, batch_size, want):
+  k = imbsam_jax.capacity_from_tail_fraction(p, batch_size)
+  assert k == want
+  mean, std = batch_size * p, np.sqrt(batch_size * p * (1 - p))
+  assert k >= min(mean + 2 * std, batch_size) and 1 <= k <= batch_size
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"tail_fraction": 1.5}, "tail_fraction"),
+    ({"tail_fraction": -0.1}, "tail_fraction"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"num_std": -1.0}, "num_std"),
+    ({"multiple": 0}, "multiple"),
+  ],
+)
+def test_capacity_from_tail_fraction_bad_arguments(kwargs, match):
+  args = {"tail_fraction": 0.1, "batch_size": 64, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    imbsam_jax.capacity_from_tail_fraction(**args)
 
 
 @pytest.mark.parametrize(
