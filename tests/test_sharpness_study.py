@@ -203,18 +203,18 @@ def test_per_class_values_match_exact_hessian():
       logits, batch["label"], log_prior, 1.0
     )
 
+  config = sharpness_study.Config(
+    max_iterations=300, tolerance=1e-6, num_probes=60, batch_size=8
+  )  # padded batches for every subset
   measure = lambda: sharpness_study.measure_classes(
     loss_fn,
     params,
     inputs,
     labels,
     counts,
+    config,
     eta=5,
-    key=jax.random.key(0),
-    max_iterations=300,
-    tolerance=1e-6,
-    num_probes=60,
-    batch_size=8,  # padded batches for every subset
+    mesh=long_tailed.training.data_parallel_mesh(),
   )
   per_class, groups = measure()
   assert measure() == (per_class, groups)  # deterministic given the key

@@ -305,7 +305,7 @@ def test_npz_all_optimizers_schema_compiles_and_plot(reference, capsys):
     assert len(run["per_class"]) == 4
     assert run["train_counts"] == TRAIN_COUNTS
     # One train-step and one eval compile for the 10 steps and the eval batch.
-    assert run["compiles"] == {"train_step": 1, "eval_step": 1}
+    assert run["compiles"] == {"train_step": 1, "predict": 1}
     assert len(run["history"]["train_loss"]) == 2
     config = run["config"]
     assert config["num_train"] == 40 and config["steps_per_epoch"] == 5
@@ -361,15 +361,15 @@ def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeyp
   class Interrupt(Exception):
     pass
 
-  train_epoch = long_tailed.train_epoch
+  train_epoch = long_tailed.training.train_epoch
 
-  def stop_in_second_epoch(*args, epoch, **kwargs):
-    if epoch == 1:
+  def stop_in_second_epoch(*args, first_step, **kwargs):
+    if first_step > 0:
       raise Interrupt
-    return train_epoch(*args, epoch=epoch, **kwargs)
+    return train_epoch(*args, first_step=first_step, **kwargs)
 
   with monkeypatch.context() as patch:
-    patch.setattr(long_tailed, "train_epoch", stop_in_second_epoch)
+    patch.setattr(long_tailed.training, "train_epoch", stop_in_second_epoch)
     with pytest.raises(Interrupt):
       long_tailed.main(args)
   ckpt = tmp_path / "checkpoints" / "imbsam_rho0.05_eta20_seed0"
@@ -433,8 +433,8 @@ def test_digits_default_dataset(tmp_path):
   }
   config = run["config"]
   assert config["dataset"] == "digits-lt" and config["model"] == "small_cnn"
-  assert config["eval_batch_size_used"] == 500  # 2 padded eval batches
-  assert run["compiles"] == {"train_step": 1, "eval_step": 1}
+  assert config["eval_batch_size"] == 500  # 2 padded eval batches
+  assert run["compiles"] == {"train_step": 1, "predict": 1}
   assert not (tmp_path / "checkpoints" / "base_seed0").exists()
 
 
@@ -480,7 +480,7 @@ def test_mock_tfds_cifar10_lt(tmp_path, monkeypatch):
   assert config["image_shape"] == [32, 32, 3] and config["num_classes"] == 10
   assert config["augment_used"] == "crop-flip"  # 32x32 images
   assert config["imbalance_ratio"] == 2.0 and sum(run["test_counts"]) == 48
-  assert run["compiles"] == {"train_step": 1, "eval_step": 1}
+  assert run["compiles"] == {"train_step": 1, "predict": 1}
 
 
 # ------------------------------------------------------------- sweeps, presets

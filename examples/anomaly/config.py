@@ -36,14 +36,19 @@ class Config:
   """A Deep SAD experiment: normal classes x settings x seeds x methods."""
 
   dataset: str = option(
-    "digits", "data: digits (embedded, offline), mnist, fashion_mnist, cifar10"
-    " (TFDS), folder:PATH, npz:FILE", parse=dataset_spec,
-  )  # fmt: skip
+    "digits",
+    "data: digits (embedded, offline), mnist, fashion_mnist, cifar10"
+    " (TFDS), folder:PATH, npz:FILE",
+    parse=dataset_spec,
+  )
   data_dir: str | None = option(None, "TFDS data directory")
   normal_class: tuple[int, ...] | None = option(
-    None, "normal classes, one experiment each (all: every class)",
-    check=NON_NEGATIVE, sweep=True, none_word="all",
-  )  # fmt: skip
+    None,
+    "normal classes, one experiment each (all: every class)",
+    check=NON_NEGATIVE,
+    sweep=True,
+    none_word="all",
+  )
   known_anomaly_classes: str = option(
     "random",
     "classes of the labeled anomalies: random (one per normal class and seed,"
@@ -51,18 +56,25 @@ class Config:
     parse=class_list,
   )
   labeled_anomaly_ratio: tuple[float, ...] = option(
-    (0.05,), "gamma_l: labeled anomalies among all training examples",
-    check=FRACTION, sweep=True,
-  )  # fmt: skip
+    (0.05,),
+    "gamma_l: labeled anomalies among all training examples",
+    check=FRACTION,
+    sweep=True,
+  )
   pollution: tuple[float, ...] = option(
-    (0.1,), "gamma_p: anomalies among the unlabeled training examples",
-    check=FRACTION, sweep=True,
-  )  # fmt: skip
+    (0.1,),
+    "gamma_p: anomalies among the unlabeled training examples",
+    check=FRACTION,
+    sweep=True,
+  )
   labeled_normal_ratio: float = option(
     0.0, "gamma_n: labeled normals among all training examples", check=FRACTION
   )
   seed: tuple[int, ...] = option(
-    (0, 1, 2), "seeds (data draw, initialisation, batch order)", flags=("--seeds",)
+    (0, 1, 2),
+    "seeds (data draw, initialisation, batch order)",
+    flags=("--seeds",),
+    unique=True,
   )
   method: tuple[str, ...] = option(
     runner.METHODS,
@@ -88,9 +100,10 @@ class Config:
   )
   rep_dim: int = option(32, "encoder output dimension", check=POSITIVE)
   features: tuple[int, ...] | None = option(
-    None, "encoder conv channels (none: 8,4 for grey images, 32,64,128 for colour)",
+    None,
+    "encoder conv channels (none: 8,4 for grey images, 32,64,128 for colour)",
     check=POSITIVE,
-  )  # fmt: skip
+  )
   norm: str = option("batch", "encoder normalisation", choices=models.NORMS)
   eval_batch_size: int = option(512, "batch size of the score passes", check=POSITIVE)
   out: str = option("runs/anomaly", "output directory")
@@ -104,7 +117,3 @@ class Config:
           f"--labeled-anomaly-ratio: {ratio} + --labeled-normal-ratio"
           f" {self.labeled_normal_ratio} must stay below 1"
         )
-    if len(set(self.seed)) != len(self.seed):
-      raise ValueError(f"--seed: repeated seed in {self.seed}")
-    if len(set(self.method)) != len(self.method):
-      raise ValueError(f"--method: repeated method in {self.method}")

@@ -27,7 +27,7 @@ import dataclasses
 import jax
 
 from shared import data, models, runner
-from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, Preset, at_least, option
+from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, Preset, option
 
 LOSSES = ("ce", "logit-adjust", "balanced-softmax")
 SCHEDULES = ("cosine", "step")
@@ -69,7 +69,7 @@ class Config:
     None,
     "n_max/n_min of the training set's exponential profile (none: 100 for -lt"
     " specs, else 1 = as is)",
-    check=at_least(1),
+    check=(lambda v: v >= 1, "must be >= 1"),
   )
   method: tuple[str, ...] = option(
     runner.METHODS,
@@ -79,7 +79,10 @@ class Config:
     parse=lambda m: runner.method_name(m, aliases=("sgd",)),
   )
   seed: tuple[int, ...] = option(
-    (0,), "seeds (initialisation, data order, augmentation)", flags=("--seeds",)
+    (0,),
+    "seeds (initialisation, data order, augmentation)",
+    flags=("--seeds",),
+    unique=True,
   )
   model: str = option("small_cnn", "network", choices=CLASSIFIERS)
   norm: str | None = option(
@@ -94,9 +97,10 @@ class Config:
   momentum: float = option(0.9, "SGD momentum", check=FRACTION)
   weight_decay: float = option(5e-4, "coupled weight decay", check=NON_NEGATIVE)
   schedule: str = option(
-    "cosine", "learning rate: cosine to 0, or step (x0.1 at 80% and 90%)",
+    "cosine",
+    "learning rate: cosine to 0, or step (x0.1 at 80% and 90%)",
     choices=SCHEDULES,
-  )  # fmt: skip
+  )
   warmup_epochs: int = option(0, "linear warm-up epochs", check=NON_NEGATIVE)
   rho: tuple[float, ...] = option(
     (0.05,), "SAM / ImbSAM perturbation radius", check=NON_NEGATIVE, sweep=True
@@ -108,9 +112,10 @@ class Config:
     sweep=True,
   )
   tail_loss_scale: float = option(
-    1.0, "weight of ImbSAM's perturbed tail loss (authors' code: 2)",
+    1.0,
+    "weight of ImbSAM's perturbed tail loss (authors' code: 2)",
     check=NON_NEGATIVE,
-  )  # fmt: skip
+  )
   tail_capacity: int | str | None = option(
     None,
     "ImbSAM fast path: tail examples per pass, an int or auto (none: the exact"
@@ -119,9 +124,10 @@ class Config:
     check=(lambda v: v == "auto" or v > 0, "must be a positive int or auto"),
   )
   loss: str = option(
-    "ce", "training loss; balanced-softmax = logit-adjust with tau 1",
+    "ce",
+    "training loss; balanced-softmax = logit-adjust with tau 1",
     choices=LOSSES,
-  )  # fmt: skip
+  )
   tau: float = option(1.0, "logit-adjust strength", check=NON_NEGATIVE)
   augment: str = option(
     "auto", "augmentation; auto: crop-flip for 32x32 images", choices=AUGMENTATIONS
@@ -149,10 +155,6 @@ class Config:
         f"--few-threshold: {self.few_threshold} exceeds --many-threshold"
         f" {self.many_threshold}"
       )
-    if len(set(self.seed)) != len(self.seed):
-      raise ValueError(f"--seed: repeated seed in {self.seed}")
-    if len(set(self.method)) != len(self.method):
-      raise ValueError(f"--method: repeated method in {self.method}")
     num_devices = self.devices or jax.device_count()
     if self.devices is not None and self.devices > jax.device_count():
       raise ValueError(f"--devices: there are only {jax.device_count()} devices")

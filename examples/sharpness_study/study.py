@@ -94,17 +94,15 @@ class Config:
     0, "seeds the power iteration's start vectors and the probes"
   )
   max_examples_per_class: int | None = option(
-    None, "measure at most this many examples of each class (none: all)",
+    None,
+    "measure at most this many examples of each class (none: all)",
     check=POSITIVE,
-  )  # fmt: skip
+  )
   progress: bool = option(True, "show a progress bar")
 
   def validate(self) -> None:
     if self.runs is None:
       raise ValueError("--runs: required (the output directory of a long-tailed run)")
-
-
-# ------------------------------------------------------------- measurement
 
 
 def class_subsets(
@@ -114,18 +112,8 @@ def class_subsets(
   eta: float,
   max_examples_per_class: int | None = None,
 ) -> dict[int | str, np.ndarray]:
-  """Example indices of each class and of the head and tail groups.
-
-  Args:
-    labels: ``(N,)`` training labels.
-    train_counts: ``(C,)`` training images per class (the full counts, which
-      define the groups even when examples are capped).
-    eta: the tail is the classes with fewer than ``eta`` training images.
-    max_examples_per_class: keep the first this many examples of each class.
-
-  Returns:
-    ``{0: idx, ..., C - 1: idx, "head": idx, "tail": idx}``, int arrays in
-    dataset order (empty for an empty class or group).
+  """Example indices (dataset order) of each class and of the head and tail groups;
+  ``train_counts`` define the groups even when examples are capped.
 
   Example:
     >>> s = class_subsets([0, 1, 0, 2, 0], [3, 1, 1], eta=2,
@@ -133,103 +121,64 @@ def class_subsets(
     >>> {k: v.tolist() for k, v in s.items()}
     {0: [0, 2], 1: [1], 2: [3], 'head': [0, 2], 'tail': [1, 3]}
   """
-  labels = np.asarray(labels)
-  counts = np.asarray(train_counts)
-  subsets: dict[int | str, np.ndarray] = {}
-  for c in range(len(counts)):
-    subsets[c] = np.flatnonzero(labels == c)[:max_examples_per_class]
-  tail = imbsam_jax.tail_classes(counts, eta)
+  labels, tail = np.asarray(labels), imbsam_jax.tail_classes(train_counts, eta)
+  subsets: dict[int | str, np.ndarray] = {
+    c: np.flatnonzero(labels == c)[:max_examples_per_class] for c in range(len(tail))
+  }
   for name, members in (("head", ~tail), ("tail", tail)):
     chosen = [subsets[c] for c in np.flatnonzero(members)]
     subsets[name] = np.sort(np.concatenate([np.zeros(0, np.int64), *chosen]))
   return subsets
 
 
-def subset_batches(
-  inputs: np.ndarray,
-  labels: np.ndarray,
-  indices: np.ndarray,
-  *,
-  batch_size: int,
-  mesh: Mesh | None = None,
-) -> list[tuple[dict[str, jax.Array], jax.Array]]:
-  """The ``(batch, weights)`` pairs of a subset, all of one shape, on device.
-
-  The last batch is padded with weight-0 copies of the subset's own examples.
-
-  Args:
-    inputs: ``(N, ...)`` model inputs.
-    labels: ``(N,)`` labels.
-    indices: the subset's (non-empty) example indices.
-    batch_size: rows per batch (a multiple of the mesh's device count).
-    mesh: shard each batch over this data-parallel mesh
-      (:func:`~imbsam_jax.recipes.training.shard_batch`); ``None``: the
-      default device.
-
-  Returns:
-    A list of ``({"image", "label"}, weights)`` pairs; ``weights`` is float32.
-  """
-  indices = np.asarray(indices)
-  if indices.size == 0:
-    raise ValueError("The subset is empty.")
-  num_batches = -(-indices.size // batch_size)
-  padded = np.resize(indices, num_batches * batch_size)  # cycles through indices
-  weights = (np.arange(padded.size) < indices.size).astype(np.float32)
-  batches = []
-  for start in range(0, padded.size, batch_size):
-    rows = padded[start : start + batch_size]
-    pair = (
-      {"image": inputs[rows], "label": labels[rows]},
-      weights[start : start + batch_size],
-    )
-    batches.append(
-      jax.device_put(pair) if mesh is None else training.shard_batch(pair, mesh)
-    )
-  return batches
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _weighted_loss_sum(loss_fn, params, batch, weights):
-  """``sum_i w_i l_i`` of one batch, in float32."""
   return jnp.sum(weights * loss_fn(params, batch).astype(jnp.float32))
 
 
 def measure_subset(
   loss_fn: sharpness.LossFn,
   params: Any,
-  batches: Sequence[tuple[Any, jax.Array]],
+  inputs: np.ndarray,
+  labels: np.ndarray,
+  indices: np.ndarray,
+  config: Config,
   *,
   key: jax.Array,
-  max_iterations: int,
-  tolerance: float,
-  num_probes: int,
+  batch_size: int,
+  mesh: Mesh,
 ) -> dict[str, Any]:
-  """Loss, top Hessian eigenvalue and Hessian trace of one subset's loss.
+  """Loss, top Hessian eigenvalue and Hessian trace of one subset's mean loss.
 
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
-    params: the parameters.
-    batches: the subset's ``(batch, weights)`` pairs (:func:`subset_batches`).
-    key: PRNG key; split into the power iteration's start and the probes.
-    max_iterations: maximum power iterations.
-    tolerance: relative tolerance of the power iteration.
-    num_probes: Hutchinson probes.
-
-  Returns:
-    ``{"loss", "top_eigenvalue", "eigen_converged", "eigen_iterations",
-    "trace", "trace_stderr"}`` (``trace_stderr`` is ``None`` for one probe).
+  The subset is cut into batches of one shape, the last padded with weight-0
+  copies of its own examples, so the Hessian-vector product compiles once.
   """
-  total = sum(float(jnp.sum(w)) for _, w in batches)
+  padded = np.resize(indices, -(-indices.size // batch_size) * batch_size)
+  weights = (np.arange(padded.size) < indices.size).astype(np.float32)
+  batches = [
+    training.shard_batch(({"image": inputs[rows], "label": labels[rows]}, w), mesh)
+    for rows, w in zip(
+      np.split(padded, padded.size // batch_size),
+      np.split(weights, padded.size // batch_size),
+      strict=True,
+    )
+  ]
   loss = sum(float(_weighted_loss_sum(loss_fn, params, b, w)) for b, w in batches)
   eigen_key, trace_key = jax.random.split(key)
   top = sharpness.top_hessian_eigenvalue(
-    loss_fn, params, batches, key=eigen_key, max_iters=max_iterations, tol=tolerance
+    loss_fn,
+    params,
+    batches,
+    key=eigen_key,
+    max_iters=config.max_iterations,
+    tol=config.tolerance,
   )
   trace = sharpness.hessian_trace(
-    loss_fn, params, batches, key=trace_key, num_probes=num_probes
+    loss_fn, params, batches, key=trace_key, num_probes=config.num_probes
   )
   return {
-    "loss": loss / total,
+    "num_examples": int(indices.size),
+    "loss": loss / indices.size,
     "top_eigenvalue": top.eigenvalue,
     "eigen_converged": top.converged,
     "eigen_iterations": top.num_iters,
@@ -244,164 +193,80 @@ def measure_classes(
   inputs: np.ndarray,
   labels: np.ndarray,
   train_counts: Any,
-  *,
-  eta: float,
-  key: jax.Array,
-  max_iterations: int = 100,
-  tolerance: float = 1e-3,
-  num_probes: int = 100,
-  batch_size: int = 32,
-  max_examples_per_class: int | None = None,
-  mesh: Mesh | None = None,
-  on_subset: Callable[[int | str], None] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any] | None]]:
-  """Measures :func:`measure_subset` for every class and the head/tail groups.
-
-  Subset ``s`` (class ``c``, or ``"head"`` / ``"tail"`` as ``C`` / ``C + 1``)
-  uses ``fold_in(key, s)``, so two models measured with the same key see the
-  same start vectors and probes. All subsets share one batch shape:
-  ``batch_size`` rounded up to the mesh's device count, capped at the largest
-  subset.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> (B,)`` (e.g. :func:`make_loss_fn`).
-    params: the parameters.
-    inputs: ``(N, ...)`` model inputs of the training set.
-    labels: ``(N,)`` training labels.
-    train_counts: ``(C,)`` training images per class.
-    eta: the tail is the classes with fewer than ``eta`` training images.
-    key: PRNG key.
-    max_iterations: maximum power iterations per subset.
-    tolerance: relative tolerance of the power iteration.
-    num_probes: Hutchinson probes per subset.
-    batch_size: examples per batch.
-    max_examples_per_class: measure the first this many examples of a class.
-    mesh: data-parallel mesh for the batches (``params`` must be replicated on
-      it); ``None``: the default device.
-    on_subset: called with each subset's name once it is measured.
-
-  Returns:
-    ``(per_class, groups)``: one dict per class (``class``, ``train_count``,
-    ``num_examples`` and the :func:`measure_subset` values, ``None`` for a
-    class without examples) and ``{"head": ..., "tail": ...}`` (the same with
-    ``classes``; ``None`` for an empty group).
-  """
-  counts = np.asarray(train_counts)
-  num_classes = len(counts)
-  subsets = class_subsets(
-    labels, counts, eta=eta, max_examples_per_class=max_examples_per_class
-  )
-  devices = 1 if mesh is None else mesh.devices.size
-  largest = max(s.size for s in subsets.values())
-  rows = devices * -(-min(batch_size, max(largest, 1)) // devices)
-  tail = imbsam_jax.tail_classes(counts, eta)
-  members = {"head": np.flatnonzero(~tail), "tail": np.flatnonzero(tail)}
-
-  results: dict[int | str, dict[str, Any] | None] = {}
-  for index, (name, indices) in enumerate(subsets.items()):
-    if indices.size == 0:
-      results[name] = None
-      continue
-    batches = subset_batches(inputs, labels, indices, batch_size=rows, mesh=mesh)
-    results[name] = {
-      "num_examples": int(indices.size),
-      **measure_subset(
-        loss_fn,
-        params,
-        batches,
-        key=jax.random.fold_in(key, index),
-        max_iterations=max_iterations,
-        tolerance=tolerance,
-        num_probes=num_probes,
-      ),
-    }
-    if on_subset is not None:
-      on_subset(name)
-
-  empty = {"num_examples": 0, **dict.fromkeys(_VALUES)}
-  per_class = [
-    {"class": c, "train_count": int(counts[c]), **(results[c] or empty)}
-    for c in range(num_classes)
-  ]
-  groups = {
-    g: None if results[g] is None else {"classes": members[g].tolist(), **results[g]}
-    for g in GROUPS
-  }
-  return per_class, groups
-
-
-# ------------------------------------------------------------------- runs
-
-
-def study_run(
-  restored: long_tailed.Restored,
-  run: Mapping[str, Any],
   config: Config,
   *,
   eta: float,
-  on_subset: Callable[[int | str], None] | None = None,
-) -> dict[str, Any]:
-  """Measures the per-class sharpness of one restored run; its sharpness.json entry.
+  mesh: Mesh,
+  on_subset: Callable[[int | str], None] = lambda name: None,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any] | None]]:
+  """:func:`measure_subset` of every class and of the head and tail groups.
 
-  ``eta`` splits the head and tail groups: the run's own, or for methods without
-  one (SGD, SAM), the experiment's first.
+  Subset ``s`` (class ``c``, or head / tail as ``C`` / ``C + 1``) uses
+  ``fold_in(key(config.probe_seed), s)``: every model is measured with the same
+  start vectors and probes. All subsets share one batch shape: ``batch_size``
+  rounded up to the device count, capped at the largest subset.
+
+  Returns:
+    ``(per_class, groups)``: per class ``class``, ``train_count`` and the
+    measurements (``None`` without examples); ``{"head", "tail"}`` the same with
+    ``classes`` (``None`` for an empty group).
   """
-  started = time.perf_counter()
-  exp = restored.experiment
-  per_class, groups = measure_classes(
-    restored.loss_fn,
-    restored.state.params,
-    restored.inputs,
-    exp.dataset.y_train,
-    exp.train_counts,
-    eta=eta,
-    key=jax.random.key(config.probe_seed),
-    max_iterations=config.max_iterations,
-    tolerance=config.tolerance,
-    num_probes=config.num_probes,
-    batch_size=config.batch_size,
-    max_examples_per_class=config.max_examples_per_class,
-    mesh=exp.mesh,
-    on_subset=on_subset,
+  counts = np.asarray(train_counts)
+  subsets = class_subsets(
+    labels, counts, eta=eta, max_examples_per_class=config.max_examples_per_class
   )
-  keys = ("optimizer", "method", "seed", *long_tailed.USES["imbsam"])
-  return {
-    **{k: run.get(k) for k in keys},
-    "tail_eta": eta,
-    "train_counts": exp.train_counts.tolist(),
-    "per_class": per_class,
-    "groups": groups,
-    "time_s": round(time.perf_counter() - started, 3),
-    "config": run["config"],
+  largest = max(max(s.size for s in subsets.values()), 1)
+  rows = mesh.size * -(-min(config.batch_size, largest) // mesh.size)
+  key, results = jax.random.key(config.probe_seed), {}
+  for index, (name, indices) in enumerate(subsets.items()):
+    results[name] = None
+    on_subset(name)
+    if indices.size:
+      results[name] = measure_subset(
+        loss_fn,
+        params,
+        inputs,
+        labels,
+        indices,
+        config,
+        key=jax.random.fold_in(key, index),
+        batch_size=rows,
+        mesh=mesh,
+      )
+  empty = {"num_examples": 0, **dict.fromkeys(_VALUES)}
+  per_class = [
+    {"class": c, "train_count": int(n), **(results[c] or empty)}
+    for c, n in enumerate(counts)
+  ]
+  tail = imbsam_jax.tail_classes(counts, eta)
+  members = {
+    "head": np.flatnonzero(~tail).tolist(),
+    "tail": np.flatnonzero(tail).tolist(),
   }
+  groups = {g: results[g] and {"classes": members[g], **results[g]} for g in GROUPS}
+  return per_class, groups
 
 
 def load_runs(
   runs_dir: str, optimizers: Sequence[str] | None
 ) -> tuple[list[dict[str, Any]], float]:
   """The runs of ``runs_dir/results.json`` (of some optimizers only) and the
-  experiment's first eta.
-
-  Raises:
-    FileNotFoundError: there is no ``results.json``.
-    ValueError: it has no runs, or none of an asked-for optimizer.
-  """
-  path = Path(runs_dir) / report.RESULTS_FILE
-  first = f"run examples/train_long_tailed.py --out {runs_dir} first"
+  experiment's first eta; raises ``FileNotFoundError`` / ``ValueError``."""
+  path, first = (
+    Path(runs_dir) / report.RESULTS_FILE,
+    f"run examples/train_long_tailed.py --out {runs_dir} first",
+  )
   if not path.is_file():
     raise FileNotFoundError(f"No {report.RESULTS_FILE} in {runs_dir}: {first}.")
   results = json.loads(path.read_text())
-  runs = results["runs"]
-  if not runs:
-    raise ValueError(f"--runs: {path} has no runs: {first}")
-  present = list(dict.fromkeys(r["optimizer"] for r in runs))
+  present = list(dict.fromkeys(r["optimizer"] for r in results["runs"]))
   missing = [o for o in optimizers or () if o not in present]
-  if missing:
-    raise ValueError(
-      f"--optimizer: no run of {', '.join(missing)} in {path}; it has"
-      f" {', '.join(present)}"
-    )
-  chosen = [r for r in runs if optimizers is None or r["optimizer"] in optimizers]
+  if not present or missing:
+    wanted = ", ".join(missing) or "any"
+    raise ValueError(f"--optimizer: no run of {wanted} in {path}; it has {present}")
+  chosen = [
+    r for r in results["runs"] if optimizers is None or r["optimizer"] in optimizers
+  ]
   return chosen, results["config"]["eta"][0]
 
 
@@ -415,27 +280,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     " the training loss of the runs of examples/train_long_tailed.py.",
   )
   saved, first_eta = load_runs(config.runs, config.optimizer)
+  # The run's eta splits head and tail; the experiment's first for SGD and SAM.
   etas = [first_eta if r.get("eta") is None else r["eta"] for r in saved]
-  out = Path(config.out or config.runs)
   restored = [long_tailed.restore(run, config.runs) for run in saved]
-  total = sum(
-    sum(s.size > 0 for s in class_subsets(
-      r.experiment.dataset.y_train, r.experiment.train_counts,
-      eta=eta, max_examples_per_class=config.max_examples_per_class,
-    ).values())
-    for r, eta in zip(restored, etas, strict=True)
-  )  # fmt: skip
-  started = time.perf_counter()
-  runs = []
+  total = sum(len(r.experiment.train_counts) + len(GROUPS) for r in restored)
+  started, runs = time.perf_counter(), []
   with runner.progress_bar(total, "subset", config.progress) as bar:
-    for run, restore, eta in zip(saved, restored, etas, strict=True):
+    for run, done, eta in zip(saved, restored, etas, strict=True):
       bar.set_description(f"{run['optimizer']} seed {run['seed']}")
-
-      def advance(subset: int | str) -> None:
-        bar.set_postfix(subset=subset)
-        bar.update(1)
-
-      runs.append(study_run(restore, run, config, eta=eta, on_subset=advance))
+      exp, start = done.experiment, time.perf_counter()
+      per_class, groups = measure_classes(
+        done.loss_fn,
+        done.state.params,
+        done.inputs,
+        exp.dataset.y_train,
+        exp.train_counts,
+        config,
+        eta=eta,
+        mesh=exp.mesh,
+        on_subset=lambda name: bar.update(1),
+      )
+      keys = ("optimizer", "method", "seed", *long_tailed.USES["imbsam"])
+      runs.append(
+        {
+          **{k: run.get(k) for k in keys},
+          "tail_eta": eta,
+          "train_counts": exp.train_counts.tolist(),
+          "per_class": per_class,
+          "groups": groups,
+          "time_s": round(time.perf_counter() - start, 3),
+          "config": run["config"],
+        }
+      )
   elapsed = time.perf_counter() - started
   results = {
     "config": options.to_json(config),
@@ -443,12 +319,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "runs": runs,
   }
   if runner.is_main_process():
+    out = Path(config.out or config.runs)
     report.write_json(out / RESULTS_FILE, results)
     plot = plot_results(runs, out / PLOT_FILE)
-    print(f"\n{format_table(runs)}")
-    print(
-      f"\n{len(runs)} runs in {elapsed:.1f} s; wrote {out / RESULTS_FILE} and {plot}"
-    )
+    print(f"\n{format_table(runs)}\n\n{len(runs)} runs in {elapsed:.1f} s;")
+    print(f"wrote {out / RESULTS_FILE} and {plot}")
   return json.loads(json.dumps(results))
 
 
