@@ -53,26 +53,30 @@ class Config:
 
   batch_size: int = option(128, "batch size", check=POSITIVE)
   depth: int = option(
-    8, "CIFAR ResNet depth (32 = ResNet-32)",
+    8,
+    "CIFAR ResNet depth (32 = ResNet-32)",
     check=(lambda d: d >= 8 and (d - 2) % 6 == 0, "must be 6n + 2 with n >= 1"),
-  )  # fmt: skip
+  )
   width: int = option(16, "channels of the first stage", check=POSITIVE)
   norm: tuple[str, ...] = option(
     ("batch", "group"), "normalisation layers", choices=models.NORMS, flags=("--norms",)
   )
   tail_fraction: tuple[float, ...] = option(
-    (0.03, 0.2), "share of tail examples per batch", check=FRACTION,
+    (0.03, 0.2),
+    "share of tail examples per batch",
+    check=FRACTION,
     flags=("--tail-fractions",),
-  )  # fmt: skip
+  )
   variant: tuple[str, ...] = option(
     VARIANTS, "variants to time", choices=VARIANTS, flags=("--variants",)
   )
   rounds: int = option(5, "interleaved rounds", check=POSITIVE)
   steps_per_round: int = option(3, "timed steps per variant and round", check=POSITIVE)
   capacity_std: float = option(
-    2.0, "tail_capacity = mean + this many binomial std of the tail count (x8)",
+    2.0,
+    "tail_capacity = mean + this many binomial std of the tail count (x8)",
     check=options.NON_NEGATIVE,
-  )  # fmt: skip
+  )
   out: str | None = option(
     None,
     "where to write the numbers: a .json file, or a directory for benchmark.json",
