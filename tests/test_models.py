@@ -46,7 +46,7 @@ def _snapshot(model, kind):
 
 @pytest.fixture(scope="module")
 def resnet32_none():
-  return models.ResNet32(10, norm="none", rngs=_rngs())
+  return models.CifarResNet(10, norm="none", rngs=_rngs())
 
 
 def _rngs(seed=0):
@@ -70,7 +70,8 @@ _SHAPE_CASES = [
   # ResNets: any input size and channel count.
   *[
     _case(f"resnet32_{n}",
-          lambda n=n, c=s[-1]: models.ResNet32(7, in_channels=c, norm=n, rngs=_rngs()),
+          lambda n=n, c=s[-1]: models.CifarResNet(
+            7, in_channels=c, norm=n, rngs=_rngs()),
           s, (7,))
     for n, s in (("batch", (28, 28, 1)), ("group", (32, 32, 3)),
                  ("none", (32, 32, 3)))
@@ -107,7 +108,7 @@ def test_output_shapes(make, shape, out_shape):
 
 
 def test_resnet32_features_shape():
-  features = _output(lambda: models.ResNet32(10, rngs=_rngs()).features, (32, 32, 3))
+  features = _output(lambda: models.CifarResNet(10, rngs=_rngs()).features, (32, 32, 3))
   assert features.shape == (2, 64)
 
 
@@ -172,12 +173,12 @@ def _resnet_param_count(num_classes, depth=32, width=16, in_channels=3, norm="ba
 
 
 def test_resnet32_parameter_count(resnet32_none):
-  resnet32 = _abstract(lambda: models.ResNet32(10, rngs=_rngs()))
+  resnet32 = _abstract(lambda: models.CifarResNet(10, rngs=_rngs()))
   assert models.num_params(resnet32) == _resnet_param_count(10) == 464_154
   assert len(resnet32.blocks) == 15
   assert models.num_params(resnet32_none) == _resnet_param_count(10, norm="none")
   assert models.num_params(resnet32_none) == 463_033
-  net = _abstract(lambda: models.ResNet32(100, norm="group", rngs=_rngs()))
+  net = _abstract(lambda: models.CifarResNet(100, norm="group", rngs=_rngs()))
   assert models.num_params(net) == _resnet_param_count(100) == 470_004
 
 
@@ -192,6 +193,21 @@ def test_cifar_resnet_depth(depth, width, in_channels):
   assert models.num_params(net) == _resnet_param_count(
     4, depth=depth, width=width, in_channels=in_channels
   )
+
+
+@pytest.mark.parametrize(
+  "name, num_classes, count",
+  [  # torchvision's (and kuangliu/pytorch-cifar's ResNet34) parameter counts
+    ("resnet34_cifar", 10, 21_282_122),
+    ("resnet50", 1000, 25_557_032),
+    ("resnext50_32x4d", 1000, 25_028_904),
+  ],
+)
+def test_torchvision_resnet_parameter_counts(name, num_classes, count):
+  make = lambda: models.create_model(
+    name, num_classes=num_classes, input_shape=(224, 224, 3), rngs=_rngs()
+  )
+  assert models.num_params(_abstract(make)) == count
 
 
 def test_cifar_resnet_rejects_bad_depth():
@@ -211,8 +227,8 @@ def test_option_a_shortcut_and_skip_init(resnet32_none):
 
 
 _BN_FREE = [
-  lambda: models.ResNet32(10, norm="none", rngs=_rngs()),
-  lambda: models.ResNet32(10, norm="group", rngs=_rngs()),
+  lambda: models.CifarResNet(10, norm="none", rngs=_rngs()),
+  lambda: models.CifarResNet(10, norm="group", rngs=_rngs()),
   lambda: models.SmallCNN(10, rngs=_rngs()),
   lambda: models.SmallCNN(10, norm="group", rngs=_rngs()),
   lambda: models.DeepSADEncoder(8, input_shape=(8, 8, 1), norm="none", rngs=_rngs()),
@@ -230,7 +246,7 @@ def test_bn_free_variants_have_no_batch_stats(make):
 
 
 def test_batch_norm_variants_have_batch_stats():
-  resnet32 = _abstract(lambda: models.ResNet32(10, rngs=_rngs()))
+  resnet32 = _abstract(lambda: models.CifarResNet(10, rngs=_rngs()))
   assert len(_paths(resnet32, nnx.BatchStat)) == 2 * 31  # mean, var per conv
   net = _abstract(lambda: models.SmallCNN(10, norm="batch", rngs=_rngs()))
   assert len(_paths(net, nnx.BatchStat)) == 2 * 3
@@ -291,13 +307,13 @@ def test_batch_norm_train_and_eval_modes():
 
 
 def test_resnet_train_eval_switch():
-  net = _abstract(lambda: models.ResNet32(10, rngs=_rngs()))
-  assert not net.blocks[0].norm1.use_running_average  # built in train mode
+  net = _abstract(lambda: models.CifarResNet(10, rngs=_rngs()))
+  assert not net.blocks[0].norms[0].use_running_average  # built in train mode
   net.eval()
   assert net.stem_norm.use_running_average
-  assert all(b.norm1.use_running_average for b in net.blocks)
+  assert all(b.norms[0].use_running_average for b in net.blocks)
   net.train()
-  assert not any(b.norm2.use_running_average for b in net.blocks)
+  assert not any(b.norms[1].use_running_average for b in net.blocks)
 
 
 # ---------------------------------------------------------------- jitted training
@@ -360,7 +376,7 @@ def test_split_merge_grad_returns_batch_stats():
   [
     ("small_cnn", (8, 8, 1), models.SmallCNN, "none"),
     ("SMALL_CNN", (32, 32, 3), models.SmallCNN, "none"),
-    ("resnet32", (32, 32, 3), models.ResNet32, "batch"),
+    ("resnet32", (32, 32, 3), models.CifarResNet, "batch"),
     ("resnet20", (28, 28, 1), models.CifarResNet, "batch"),
     ("deep_sad", (28, 28, 1), models.DeepSADEncoder, "batch"),
   ],
@@ -371,7 +387,7 @@ def test_create_model(name, shape, cls, norm):
   )
   net = _abstract(make)
   assert type(net) is cls and net.norm == norm
-  if cls is not models.ResNet32:  # (its output shape is tested above)
+  if name != "resnet32":  # (its output shape is tested above)
     assert _output(make, shape).shape == (2, 5)
   if name.startswith("resnet"):
     assert len(net.blocks) == (int(name[6:]) - 2) // 2
