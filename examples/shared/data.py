@@ -1,24 +1,8 @@
-"""Datasets for the example applications: one loader per source, as NumPy arrays.
+"""Datasets of the example applications, held in memory as NumPy arrays.
 
-:func:`load_dataset` reads a whole dataset into memory as a :class:`Dataset`
-(NHWC images, int32 labels). Sources, chosen by a spec string:
-
-* ``digits`` / ``digits-lt``: scikit-learn's 8x8 digits, bundled with
-  scikit-learn (no download), with a fixed stratified train/test split.
-* ``cifar10`` / ``cifar100`` / ``mnist`` / ``fashion_mnist`` and the long-tailed
-  ``cifar10-lt`` / ``cifar100-lt``: TensorFlow Datasets, read with
-  ``tfds.data_source`` from prepared ``array_record`` files. Reading needs no
-  TensorFlow; *preparing* (download + conversion) does, so when the data is
-  missing the loader fails fast with instructions instead of retrying a
-  download for minutes.
-* ``folder:PATH``: ``PATH/{train,test}/<class name>/*.png|jpg|jpeg``.
-* ``npz:FILE``: arrays ``x_train, y_train, x_test, y_test`` (and optionally
-  ``class_names``).
-
-Any source can be made long-tailed (``imbalance_ratio``); the test set is never
-touched. :func:`iterate_batches` and :func:`iterate_eval_batches` cut the
-arrays into batches deterministically, with per-process slices for multi-host
-data parallelism.
+Specs: ``digits`` (scikit-learn's 8x8 digits), TFDS ``cifar10``, ``cifar100``,
+``mnist``, ``fashion_mnist`` (prepared data is read without TensorFlow; missing data
+fails fast), ``folder:PATH`` and ``npz:FILE``; ``-lt`` long-tails the training set.
 """
 
 from __future__ import annotations
@@ -36,51 +20,20 @@ import numpy as np
 
 from imbsam_jax._priors import long_tail_counts
 
-#: Imbalance ratio of the ``-lt`` specs when none is given (CIFAR-LT's usual
-#: 100; on digits it leaves 119, 71, 42, 25, 15, 9, 5, 3, 1, 1 training images).
+#: Imbalance ratio of the ``-lt`` specs when none is given (CIFAR-LT's usual 100).
 DEFAULT_LT_IMBALANCE_RATIO = 100.0
-
-#: Seed and per-class test fraction of the fixed digits train/test split.
-DIGITS_SPLIT_SEED = 0
-DIGITS_TEST_FRACTION = 1 / 3
-
-# spec -> TFDS dataset name.
-_TFDS_SPECS = {
-  "cifar10": "cifar10",
-  "cifar10-lt": "cifar10",
-  "cifar100": "cifar100",
-  "cifar100-lt": "cifar100",
-  "mnist": "mnist",
-  "fashion_mnist": "fashion_mnist",
-}
-_DIGITS_SPECS = ("digits", "digits-lt")
-# Where each TFDS builder downloads from: (scheme, host).
-_DOWNLOAD_HOSTS = {
+_DIGITS = ("digits", "digits-lt")
+_TFDS = ("cifar10", "cifar10-lt", "cifar100", "cifar100-lt", "mnist", "fashion_mnist")
+_DOWNLOAD_HOSTS = {  # TFDS name -> (scheme, host) of its download; default: GCS
   "cifar10": ("https", "www.cs.toronto.edu"),
   "cifar100": ("https", "www.cs.toronto.edu"),
-  "mnist": ("https", "storage.googleapis.com"),
   "fashion_mnist": ("http", "fashion-mnist.s3-website.eu-central-1.amazonaws.com"),
 }
-_REACHABILITY_TIMEOUT_S = 3.0
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 class Dataset(NamedTuple):
-  """A dataset held in memory.
-
-  Attributes:
-    x_train: ``(N, H, W, C)`` images, uint8 in [0, 255] (float32 only for
-      ``npz:`` files that store floats).
-    y_train: ``(N,)`` int32 labels in ``[0, num_classes)``.
-    x_test: ``(M, H, W, C)`` test images, same dtype and image shape.
-    y_test: ``(M,)`` int32 test labels.
-    num_classes: number of classes.
-    class_names: one name per class.
-    name: short display name (the spec for built-in sources, the file or
-      folder name for ``npz:`` / ``folder:``).
-    imbalance_ratio: the ratio used to subsample the training set (1: as is).
-  """
+  """``(N, H, W, C)`` images (uint8; float32 from float ``npz:`` data), int32 labels."""
 
   x_train: np.ndarray
   y_train: np.ndarray
@@ -92,36 +45,31 @@ class Dataset(NamedTuple):
   imbalance_ratio: float = 1.0
 
   def __repr__(self) -> str:
+    x, t, ratio = self.x_train, self.x_test, self.imbalance_ratio
     return (
-      f"Dataset(name={self.name!r}, x_train={self.x_train.shape}"
-      f" {self.x_train.dtype}, x_test={self.x_test.shape}"
-      f" {self.x_test.dtype}, num_classes={self.num_classes},"
-      f" imbalance_ratio={self.imbalance_ratio:g})"
+      f"Dataset(name={self.name!r}, x_train={x.shape} {x.dtype}, x_test={t.shape}"
+      f" {t.dtype}, num_classes={self.num_classes}, imbalance_ratio={ratio:g})"
     )
 
 
 def valid_specs() -> tuple[str, ...]:
-  """The dataset specs :func:`load_dataset` accepts (prefix specs end in ':')."""
-  return (*_DIGITS_SPECS, *_TFDS_SPECS, "folder:PATH", "npz:FILE")
+  """The dataset specs :func:`load_dataset` accepts."""
+  return (*_DIGITS, *_TFDS, "folder:PATH", "npz:FILE")
 
 
 def check_spec(spec: str) -> None:
   """Raises a ValueError unless ``spec`` names a source (and its path exists).
 
-  Example:
-    >>> check_spec("digits-lt")
-    >>> check_spec("svhn")
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown dataset 'svhn'; valid: digits, digits-lt, cifar10, ...
+  >>> check_spec("svhn")
+  Traceback (most recent call last):
+  ValueError: unknown dataset 'svhn'; valid: digits, digits-lt, cifar10, ...
   """
-  if spec in _DIGITS_SPECS or spec in _TFDS_SPECS:
+  if spec in _DIGITS or spec in _TFDS:
     return
-  for prefix, exists in (("folder:", Path.is_dir), ("npz:", Path.is_file)):
+  for prefix, kind in (("folder:", "directory"), ("npz:", "file")):
     if spec.startswith(prefix):
       path = Path(spec.removeprefix(prefix))
-      if not exists(path):
-        kind = "directory" if prefix == "folder:" else "file"
+      if not (path.is_dir() if kind == "directory" else path.is_file()):
         raise ValueError(f"{prefix} {path} is not an existing {kind}")
       return
   raise ValueError(f"unknown dataset {spec!r}; valid: {', '.join(valid_specs())}")
@@ -133,97 +81,44 @@ def load_dataset(
   data_dir: str | os.PathLike[str] | None = None,
   imbalance_ratio: float | None = None,
 ) -> Dataset:
-  """Loads a dataset by spec, optionally long-tailing its training set.
+  """Loads a dataset by spec (one of :func:`valid_specs`), long-tailing its train set.
 
-  Args:
-    spec: one of :func:`valid_specs`: ``digits``, ``digits-lt``, ``cifar10``,
-      ``cifar10-lt``, ``cifar100``, ``cifar100-lt``, ``mnist``,
-      ``fashion_mnist``, ``folder:PATH`` or ``npz:FILE``.
-    data_dir: TFDS data directory (default: TFDS's own, ``$TFDS_DATA_DIR`` or
-      ``~/tensorflow_datasets``). Ignored by the other sources.
-    imbalance_ratio: ``n_max / n_min`` of the exponential profile applied to
-      the training set with :func:`make_long_tailed`. ``None`` means
-      :data:`DEFAULT_LT_IMBALANCE_RATIO` for ``-lt`` specs and 1 (keep the
-      training set as is) otherwise. The test set is never subsampled.
+  ``data_dir`` is TFDS's. ``imbalance_ratio`` (:func:`make_long_tailed`) defaults to
+  :data:`DEFAULT_LT_IMBALANCE_RATIO` for ``-lt`` specs, else to 1 (as is).
 
-  Returns:
-    A :class:`Dataset`.
-
-  Raises:
-    ValueError: unknown spec, or malformed ``folder:`` / ``npz:`` data.
-    RuntimeError: a TFDS dataset is not prepared and cannot be prepared here
-      (no TensorFlow or no network); the message says what to do.
-
-  Example:
-    >>> ds = load_dataset("digits-lt")
-    >>> ds.x_train.shape, ds.x_train.dtype, ds.x_test.shape, ds.imbalance_ratio
-    ((291, 8, 8, 1), dtype('uint8'), (599, 8, 8, 1), 100.0)
-    >>> class_counts(ds.y_train, ds.num_classes).tolist()
-    [119, 71, 42, 25, 15, 9, 5, 3, 1, 1]
+  >>> ds = load_dataset("digits-lt")
+  >>> ds.x_train.shape, ds.x_train.dtype, ds.x_test.shape, ds.imbalance_ratio
+  ((291, 8, 8, 1), dtype('uint8'), (599, 8, 8, 1), 100.0)
+  >>> class_counts(ds.y_train, ds.num_classes).tolist()
+  [119, 71, 42, 25, 15, 9, 5, 3, 1, 1]
   """
   check_spec(spec)
-  if spec in _DIGITS_SPECS:
-    arrays, class_names, name = _load_digits(), tuple(map(str, range(10))), spec
-  elif spec in _TFDS_SPECS:
-    *arrays, class_names = _load_tfds(_TFDS_SPECS[spec], data_dir)
-    name = spec
-  elif spec.startswith("folder:"):
-    path = Path(spec.removeprefix("folder:"))
-    *arrays, class_names = _load_folder(path)
-    name = path.resolve().name
-  else:
-    path = Path(spec.removeprefix("npz:"))
-    *arrays, class_names = _load_npz(path)
-    name = path.stem
-  x_train, y_train, x_test, y_test = arrays
-  num_classes = len(class_names)
   if imbalance_ratio is None:
-    lt = spec.endswith("-lt")
-    imbalance_ratio = DEFAULT_LT_IMBALANCE_RATIO if lt else 1.0
-  x_train, y_train = make_long_tailed(
-    x_train, y_train, imbalance_ratio, num_classes=num_classes
-  )
-  return Dataset(
-    x_train=x_train,
-    y_train=y_train,
-    x_test=x_test,
-    y_test=y_test,
-    num_classes=num_classes,
-    class_names=tuple(class_names),
-    name=name,
-    imbalance_ratio=float(imbalance_ratio),
-  )
+    imbalance_ratio = DEFAULT_LT_IMBALANCE_RATIO if spec.endswith("-lt") else 1.0
+  name = spec
+  if spec in _DIGITS:
+    arrays = _load_digits()
+  elif spec in _TFDS:
+    arrays = _load_tfds(spec.removesuffix("-lt"), data_dir)
+  else:
+    path, folder = Path(spec.partition(":")[2]), spec.startswith("folder:")
+    arrays = _load_folder(path) if folder else _load_npz(path)
+    name = path.resolve().name if folder else path.stem
+  x, y, x_test, y_test, names = arrays
+  x, y = make_long_tailed(x, y, imbalance_ratio, num_classes=len(names))
+  return Dataset(x, y, x_test, y_test, len(names), names, name, float(imbalance_ratio))
 
 
 def to_float(x: Any, mean: Any = None, std: Any = None) -> Any:
-  """Converts images to float32 for a model: uint8 is divided by 255.
+  """Converts images (NumPy or JAX, also under ``jit``) to float32 (floats: cast).
 
   .. math::
-    x' = (x / 255 - \\mu) / \\sigma
+    x' = (x / 255 - \\mu) / \\sigma \\quad \\text{(uint8; mean and std optional)}
 
-  Float images are only cast. Works on NumPy and JAX arrays, inside ``jit``
-  too (keep uint8 on the device and convert in the step).
-
-  Args:
-    x: images, uint8 in [0, 255] or float.
-    mean: optional per-channel mean (broadcast against the last axis),
-      subtracted after scaling.
-    std: optional per-channel standard deviation, divided by after that.
-
-  Returns:
-    A float32 array of the same shape and kind (NumPy or JAX) as ``x``.
-
-  Example:
-    >>> import numpy as np
-    >>> to_float(np.array([0, 51, 255], np.uint8)).tolist()
-    [0.0, 0.20000000298023224, 1.0]
-    >>> to_float(np.array([0, 255], np.uint8), mean=0.5, std=0.5).tolist()
-    [-1.0, 1.0]
+  >>> to_float(np.array([0, 255], np.uint8), mean=0.5, std=0.5).tolist()
+  [-1.0, 1.0]
   """
-  if x.dtype == np.uint8:
-    x = x.astype(np.float32) / np.float32(255.0)
-  else:
-    x = x.astype(np.float32)
+  x = x.astype(np.float32) / np.float32(255.0 if x.dtype == np.uint8 else 1.0)
   if mean is not None:
     x = x - np.asarray(mean, np.float32)
   if std is not None:
@@ -232,24 +127,14 @@ def to_float(x: Any, mean: Any = None, std: Any = None) -> Any:
 
 
 def class_counts(y: Any, num_classes: int) -> np.ndarray:
-  """Number of examples of each class.
+  """Number of examples of each class, int64 ``(num_classes,)``.
 
-  Args:
-    y: 1-D integer labels in ``[0, num_classes)``.
-    num_classes: number of classes ``C``.
-
-  Returns:
-    An int64 array of shape ``(C,)``.
-
-  Example:
-    >>> class_counts([0, 2, 2, 1, 2], 4).tolist()
-    [1, 1, 3, 0]
+  >>> class_counts([0, 2, 2, 1, 2], 4).tolist()
+  [1, 1, 3, 0]
   """
   y = _as_labels(y, "labels")
   if y.size and y.max() >= num_classes:
-    raise ValueError(
-      f"labels must be < num_classes={num_classes}, found {int(y.max())}."
-    )
+    raise ValueError(f"labels must be < num_classes={num_classes}, found {y.max()}.")
   return np.bincount(y, minlength=num_classes).astype(np.int64)
 
 
@@ -261,38 +146,18 @@ def make_long_tailed(
   num_classes: int | None = None,
   max_count: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Subsamples a dataset to the exponential long-tail profile.
-
-  Class ``c`` keeps its first ``n_c`` examples in dataset order, as in the
-  ImbSAM reference code (LDAM-DRW's ``gen_imbalanced_data`` with its shuffle
-  removed), with
+  """Keeps the first ``n_c`` examples of each class, in order (as LDAM-DRW).
 
   .. math::
     n_c = \\min\\big(\\lfloor n_{max} \\cdot \\mathrm{IR}^{-c / (C - 1)}
     \\rfloor,\\ \\text{available}_c\\big)
 
-  and ``n_max`` = the number of examples of class 0 (the head class keeps all
-  its images; on balanced data such as CIFAR this is every class's count). The
-  kept examples stay in their original relative order.
+  ``n_max``: ``max_count`` (default: count of class 0); ``C``: ``num_classes``.
 
-  Args:
-    x: examples, indexed along the first axis.
-    y: 1-D integer labels.
-    imbalance_ratio: ``IR = n_max / n_min`` (>= 1). ``1`` returns the inputs
-      unchanged (unless ``max_count`` is given).
-    num_classes: ``C`` (default ``max(y) + 1``).
-    max_count: ``n_max`` (default: the count of class 0).
-
-  Returns:
-    ``(x, y)`` restricted to the kept examples.
-
-  Example:
-    >>> import numpy as np
-    >>> y = np.repeat(np.arange(3), 4)  # 4 examples per class
-    >>> x = np.arange(12)
-    >>> x_lt, y_lt = make_long_tailed(x, y, imbalance_ratio=4)
-    >>> y_lt.tolist(), x_lt.tolist()
-    ([0, 0, 0, 0, 1, 1, 2], [0, 1, 2, 3, 4, 5, 8])
+  >>> y = np.repeat(np.arange(3), 4)  # 4 examples per class
+  >>> x_lt, y_lt = make_long_tailed(np.arange(12), y, imbalance_ratio=4)
+  >>> y_lt.tolist(), x_lt.tolist()
+  ([0, 0, 0, 0, 1, 1, 2], [0, 1, 2, 3, 4, 5, 8])
   """
   y = _as_labels(y, "y")
   if len(x) != len(y):
@@ -307,27 +172,21 @@ def make_long_tailed(
     if max_count == 0:
       raise ValueError("Class 0 has no examples; pass max_count explicitly.")
   target = np.minimum(long_tail_counts(max_count, num_classes, imbalance_ratio), counts)
-  # Rank of each example among the examples of its class, in dataset order.
-  by_class = np.argsort(y, kind="stable")
-  class_start = np.cumsum(counts) - counts
-  rank = np.empty(len(y), np.int64)
-  rank[by_class] = np.arange(len(y)) - np.repeat(class_start, counts)
-  keep = rank < target[y]
+  keep = np.zeros(len(y), bool)
+  for c in range(num_classes):
+    keep[np.flatnonzero(y == c)[: target[c]]] = True
   return x[keep], y[keep]
 
 
-def steps_per_epoch(
-  num_examples: int, batch_size: int, *, drop_remainder: bool = True
-) -> int:
+def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder=True) -> int:
   """Number of batches :func:`iterate_batches` yields per epoch.
 
-  Example:
-    >>> steps_per_epoch(10, 4), steps_per_epoch(10, 4, drop_remainder=False)
-    (2, 3)
+  >>> steps_per_epoch(10, 4), steps_per_epoch(10, 4, drop_remainder=False)
+  (2, 3)
   """
-  if drop_remainder:
-    return num_examples // batch_size
-  return -(-num_examples // batch_size)
+  return (
+    num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+  )
 
 
 def iterate_batches(
@@ -342,49 +201,21 @@ def iterate_batches(
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields one epoch of training batches, deterministically.
+  """Yields one epoch of ``(x, y)`` training batches, deterministically.
 
-  The order is ``np.random.default_rng((seed, epoch)).permutation(N)``: the same
-  on every process and every run, different each epoch. For multi-host data
-  parallelism ``batch_size`` is the *global* batch size: every process walks
-  the same global batches and takes its contiguous slice
-  ``[process_index * B / P, (process_index + 1) * B / P)``, so the slices of
-  all processes partition each global batch.
+  Order: ``np.random.default_rng((seed, epoch)).permutation(N)``, or dataset order.
+  Each process takes its contiguous slice of every global batch of ``batch_size``.
 
-  Args:
-    x: ``(N, ...)`` examples.
-    y: ``(N,)`` labels.
-    batch_size: global batch size ``B``, a multiple of ``process_count``.
-    seed: base seed of the shuffle.
-    epoch: epoch number, mixed into the seed.
-    shuffle: if False, batches follow dataset order.
-    drop_remainder: drop the last ``N mod B`` examples (every batch then has
-      the same shape). If False the last, smaller batch is split across
-      processes with ``np.array_split`` (slices may differ by one example);
-      use :func:`iterate_eval_batches` for fixed shapes.
-    process_index: this process's index (``jax.process_index()``).
-    process_count: number of processes (``jax.process_count()``).
-
-  Yields:
-    ``(x_batch, y_batch)`` NumPy arrays with ``B / P`` examples each.
-
-  Example:
-    >>> import numpy as np
-    >>> x = np.arange(10)
-    >>> [b.tolist() for b, _ in iterate_batches(x, x, 4, seed=0, epoch=0,
-    ...                                          shuffle=False)]
-    [[0, 1, 2, 3], [4, 5, 6, 7]]
+  >>> x = np.arange(10)
+  >>> [b.tolist() for b, _ in iterate_batches(x, x, 4, seed=0, epoch=0,
+  ...                                          shuffle=False)]
+  [[0, 1, 2, 3], [4, 5, 6, 7]]
   """
   n = _check_batching(x, y, batch_size, process_index, process_count)
   if drop_remainder and batch_size > n:
-    raise ValueError(
-      f"batch_size={batch_size} exceeds the {n} examples, so"
-      " drop_remainder=True would yield no batch."
-    )
-  if shuffle:
-    order = np.random.default_rng((seed, epoch)).permutation(n)
-  else:
-    order = np.arange(n)
+    raise ValueError(f"batch_size={batch_size} > {n} examples: no batch to yield.")
+  rng = np.random.default_rng((seed, epoch))
+  order = rng.permutation(n) if shuffle else np.arange(n)
   for step in range(steps_per_epoch(n, batch_size, drop_remainder=drop_remainder)):
     global_batch = order[step * batch_size : (step + 1) * batch_size]
     idx = np.array_split(global_batch, process_count)[process_index]
@@ -399,61 +230,35 @@ def iterate_eval_batches(
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields evaluation batches in order, all of one shape, with a validity mask.
+  """Yields ``(x, y, valid)`` evaluation batches in order, zero-padded to one shape.
 
-  The last global batch is padded with zeros (images and labels) to
-  ``batch_size`` so a jitted eval step compiles once; ``valid`` is False on the
-  padding. Processes take contiguous slices of each global batch, as in
-  :func:`iterate_batches`.
-
-  Args:
-    x: ``(N, ...)`` examples.
-    y: ``(N,)`` labels.
-    batch_size: global batch size ``B``, a multiple of ``process_count``.
-    process_index: this process's index.
-    process_count: number of processes.
-
-  Yields:
-    ``(x_batch, y_batch, valid)`` with ``B / P`` rows each; ``valid`` is bool.
-
-  Example:
-    >>> import numpy as np
-    >>> x = np.arange(1, 6)
-    >>> for xb, yb, valid in iterate_eval_batches(x, x, 4):
-    ...   print(xb.tolist(), valid.tolist())
-    [1, 2, 3, 4] [True, True, True, True]
-    [5, 0, 0, 0] [True, False, False, False]
+  >>> x = np.arange(1, 6)
+  >>> for xb, yb, valid in iterate_eval_batches(x, x, 4):
+  ...   print(xb.tolist(), valid.tolist())
+  [1, 2, 3, 4] [True, True, True, True]
+  [5, 0, 0, 0] [True, False, False, False]
   """
   n = _check_batching(x, y, batch_size, process_index, process_count)
   x, y = np.asarray(x), np.asarray(y)
   local = batch_size // process_count
-  rows = slice(process_index * local, (process_index + 1) * local)
   for start in range(0, n, batch_size):
-    size = min(batch_size, n - start)
-    x_batch = np.zeros((batch_size, *x.shape[1:]), x.dtype)
-    y_batch = np.zeros((batch_size, *y.shape[1:]), y.dtype)
-    x_batch[:size] = x[start : start + size]
-    y_batch[:size] = y[start : start + size]
-    valid = np.arange(batch_size) < size
-    yield x_batch[rows], y_batch[rows], valid[rows]
+    rows = slice(start + process_index * local, start + (process_index + 1) * local)
+    yield _pad(x[rows], local), _pad(y[rows], local), np.arange(local) < len(y[rows])
 
 
-def _check_batching(
-  x: Any, y: Any, batch_size: int, process_index: int, process_count: int
-) -> int:
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+  return np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
+
+
+def _check_batching(x, y, batch_size, process_index, process_count) -> int:
   """Validates batching arguments; returns the number of examples."""
   if len(x) != len(y):
     raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
-  if process_count < 1 or not 0 <= process_index < process_count:
+  valid = 0 <= process_index < process_count and batch_size % process_count == 0
+  if batch_size < 1 or not valid:
     raise ValueError(
-      f"Need 0 <= process_index < process_count, got {process_index}, {process_count}."
-    )
-  if batch_size % process_count:
-    raise ValueError(
-      f"The global batch_size={batch_size} must be a multiple of"
-      f" process_count={process_count}."
+      "Need 0 <= process_index < process_count and a positive batch_size multiple of"
+      f" process_count; got {batch_size=}, {process_index=}, {process_count=}."
     )
   return len(x)
 
@@ -463,96 +268,63 @@ def _as_labels(y: Any, what: str) -> np.ndarray:
   y = np.asarray(y)
   if y.ndim != 1:
     raise ValueError(f"{what} must be 1-D, got shape {y.shape}.")
-  if y.size == 0:
-    return y.astype(np.int32)
-  if not np.issubdtype(y.dtype, np.integer):
+  if y.size and not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"{what} must be integers, got dtype {y.dtype}.")
-  if y.min() < 0:
+  if y.size and y.min() < 0:
     raise ValueError(f"{what} must be non-negative, found {int(y.min())}.")
   return y.astype(np.int32)
 
 
-# ----------------------------------------------------------------- digits
-
-
-def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """scikit-learn digits as uint8 (values 0..16 scaled by 255/16 and rounded).
-
-  The split is stratified and fixed: with ``DIGITS_SPLIT_SEED``, each class
-  sends ``round(n_c * DIGITS_TEST_FRACTION)`` random images to the test set
-  (1198 train / 599 test); both sets keep the original order.
-  """
+def _load_digits():
+  """scikit-learn digits as uint8 (0..16 scaled); a fixed third per class is test."""
   from sklearn.datasets import load_digits
 
   digits = load_digits()
   x = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   y = digits.target.astype(np.int32)
-  rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+  rng = np.random.default_rng(0)
   is_test = np.zeros(len(y), bool)
   for c in range(10):
     members = np.flatnonzero(y == c)
-    n_test = round(len(members) * DIGITS_TEST_FRACTION)
-    is_test[rng.permutation(members)[:n_test]] = True
-  return x[~is_test], y[~is_test], x[is_test], y[is_test]
+    is_test[rng.permutation(members)[: round(len(members) / 3)]] = True
+  return x[~is_test], y[~is_test], x[is_test], y[is_test], tuple(map(str, range(10)))
 
 
-# ------------------------------------------------------------------- TFDS
-
-
-def _load_tfds(
-  name: str, data_dir: str | os.PathLike[str] | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+def _load_tfds(name: str, data_dir: str | os.PathLike[str] | None):
   """Reads a prepared TFDS dataset's train and test splits into memory."""
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError(
-      f"Loading {name!r} needs tensorflow-datasets: pip install 'imbsam_jax[examples]'."
-    ) from e
+    raise ImportError("TFDS specs need `pip install 'imbsam_jax[examples]'`.") from e
   data_dir = None if data_dir is None else os.fspath(data_dir)
-  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  kwargs = {"file_format": "array_record"}
+  builder = tfds.builder(name, data_dir=data_dir, **kwargs)
   if not builder.is_prepared():
     _check_can_prepare(name, builder.data_dir)
   try:
     train, test = tfds.data_source(
-      name,
-      split=["train", "test"],
-      data_dir=data_dir,
-      builder_kwargs={"file_format": "array_record"},
+      name, split=["train", "test"], data_dir=data_dir, builder_kwargs=kwargs
     )
   except NotImplementedError as e:  # Prepared, but not as array_record.
     raise RuntimeError(
-      f"TFDS dataset {name!r} in {builder.data_dir} was prepared in a format"
-      " without random access. Rebuild it with `tfds build"
-      f" {name} --file_format=array_record` (needs TensorFlow) or use another"
-      " data_dir."
+      f"TFDS dataset {name!r} in {builder.data_dir} lacks random access: rebuild it"
+      f" with `tfds build {name} --file_format=array_record` or use another data_dir."
     ) from e
-  # The data source's info: class names are only known once prepared.
+  # Class names are only known once prepared: take the data source's info.
   info = getattr(train, "dataset_info", builder.info)
-  class_names = tuple(info.features["label"].names)
-  return (*_read_split(train), *_read_split(test), class_names)
+  return (*_read_split(train), *_read_split(test), tuple(info.features["label"].names))
 
 
 def _read_split(source: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes a TFDS data source into ``(images, labels)`` in original order.
-
-  TFDS shuffles examples when it prepares a dataset. Where examples carry an
-  ``id`` such as CIFAR's ``train_00042``, the original file order is restored
-  by sorting on it, so that "the first n_c images of a class" means the same
-  images as in the reference code.
-  """
-  n = len(source)
-  if n == 0:
+  """Decodes a TFDS split, restoring the original order (TFDS shuffles) by ``id``."""
+  if (n := len(source)) == 0:
     raise ValueError("TFDS split is empty.")
-  first = source[0]
-  images = np.empty((n, *np.shape(first["image"])), np.uint8)
-  labels = np.empty(n, np.int32)
-  ids = []
+  images = np.empty((n, *np.shape(source[0]["image"])), np.uint8)
+  labels, ids = np.empty(n, np.int32), []
   for i in range(n):
-    example = first if i == 0 else source[i]
-    images[i] = example["image"]
-    labels[i] = example["label"]
-    if "id" in example:
+    example = source[i]
+    images[i], labels[i] = example["image"], example["label"]
+    if "id" in example:  # e.g. CIFAR's "train_00042"
       ids.append(example["id"])
   if len(ids) == n:
     order = np.argsort(np.asarray(ids), kind="stable")
@@ -586,179 +358,112 @@ def _download_endpoint(name: str) -> tuple[str, int]:
 
 
 def _check_can_prepare(name: str, path: Any) -> None:
-  """Raises a RuntimeError with instructions unless ``name`` can be prepared.
-
-  Preparing needs TensorFlow and the download host. Both are checked in a few
-  seconds, instead of letting a doomed download retry for minutes.
-  """
+  """Fails fast, with instructions, unless TensorFlow and the download host are here."""
+  host, port = _download_endpoint(name)
   if not _tensorflow_available():
-    reason = (
-      "preparing TFDS data needs TensorFlow, which is not installed (reading"
-      " prepared data does not need it)"
-    )
+    reason = "preparing TFDS data needs TensorFlow, which is not installed"
+  elif not _host_reachable(host, port, 3.0):
+    reason = f"its download host {host}:{port} is unreachable (no connection in 3 s)"
   else:
-    host, port = _download_endpoint(name)
-    if _host_reachable(host, port, _REACHABILITY_TIMEOUT_S):
-      return
-    reason = (
-      f"its download host {host}:{port} is unreachable (no connection within"
-      f" {_REACHABILITY_TIMEOUT_S:g} s)"
-    )
+    return
   raise RuntimeError(
-    f"TFDS dataset {name!r} is not prepared in {path} and cannot be prepared"
-    f" here: {reason}. Either\n"
-    "  * on a machine with internet, run `pip install"
-    f" 'imbsam_jax[tfds-prepare]'` and `tfds build {name}"
-    " --file_format=array_record`, then copy ~/tensorflow_datasets (or the"
-    " --data_dir you built into) to this machine and pass its location as"
-    " data_dir (or set TFDS_DATA_DIR); or\n"
-    "  * use a local copy of the data as `npz:FILE` (arrays x_train, y_train,"
-    " x_test, y_test) or `folder:PATH` (PATH/train/<class>/*.png,"
-    " PATH/test/<class>/*.png)."
+    f"TFDS dataset {name!r} is not prepared in {path} and cannot be prepared here:"
+    f" {reason}. Either\n  * with internet and `pip install 'imbsam_jax[tfds-prepare]'`"
+    f", run `tfds build {name} --file_format=array_record` and pass its data_dir (or"
+    " set TFDS_DATA_DIR); or\n  * use a local copy as `npz:FILE` (x_train, y_train,"
+    " x_test, y_test) or `folder:PATH` (PATH/{train,test}/<class>/*.png)."
   )
 
 
-# ---------------------------------------------------------------- folder:
-
-
-def _load_folder(
-  root: Path,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-  """Reads ``root/{train,test}/<class>/*.{png,jpg,jpeg}`` (classes sorted).
-
-  Files are read in sorted order within each class, classes in sorted order.
-  Other files are ignored. Grayscale images become ``H x W x 1``; if any image
-  has colour, all become RGB. All images must share one size.
-  """
-  splits = {}
+def _load_folder(root: Path):
+  """Reads ``root/{train,test}/<class>/*.{png,jpg,jpeg}``, classes and files sorted."""
+  classes = {}
   for split in ("train", "test"):
-    split_dir = root / split
-    if not split_dir.is_dir():
+    if not (root / split).is_dir():
       raise ValueError(
-        f"folder: dataset {root} has no {split}/ directory; expected"
-        f" {root}/{{train,test}}/<class name>/*.png|jpg|jpeg."
+        f"folder: {root} has no {split}/ directory ({split}/<class>/*.png|jpg|jpeg)."
       )
-    splits[split] = sorted(
-      p.name for p in split_dir.iterdir() if p.is_dir() and p.name[0] != "."
-    )
-  class_names = tuple(splits["train"])
-  if not class_names:
+    dirs = (root / split).iterdir()
+    classes[split] = sorted(d.name for d in dirs if d.is_dir() and d.name[0] != ".")
+  if not (names := tuple(classes["train"])):
     raise ValueError(f"folder: dataset {root}/train has no class directories.")
-  unknown = sorted(set(splits["test"]) - set(class_names))
-  if unknown:
-    raise ValueError(
-      f"folder: dataset {root}/test has classes missing from train: {unknown}."
-    )
-  files, labels = {}, {}
+  if unknown := sorted(set(classes["test"]) - set(names)):
+    raise ValueError(f"folder: {root}/test has classes missing from train: {unknown}.")
+  files, labels = [], {}
   for split in ("train", "test"):
-    files[split], labels[split] = [], []
-    for label, class_name in enumerate(class_names):
-      class_dir = root / split / class_name
-      if not class_dir.is_dir():
-        continue
-      found = sorted(
-        p for p in class_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
-      )
-      files[split] += found
-      labels[split] += [label] * len(found)
-    if not files[split]:
+    found = [
+      (p, c) for c, name in enumerate(names) for p in _images_in(root / split / name)
+    ]
+    if not found:
       raise ValueError(f"folder: dataset {root}/{split} contains no images.")
-  images = _read_images(files["train"] + files["test"])
-  n_train = len(files["train"])
-  return (
-    images[:n_train],
-    np.asarray(labels["train"], np.int32),
-    images[n_train:],
-    np.asarray(labels["test"], np.int32),
-    class_names,
-  )
+    files += [p for p, _ in found]
+    labels[split] = np.asarray([c for _, c in found], np.int32)
+  images, n = _read_images(files), len(labels["train"])
+  return images[:n], labels["train"], images[n:], labels["test"], names
+
+
+def _images_in(folder: Path) -> list[Path]:
+  files = sorted(folder.iterdir()) if folder.is_dir() else []
+  return [p for p in files if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
 
 
 def _read_images(files: list[Path]) -> np.ndarray:
-  """Reads image files into one uint8 ``(N, H, W, C)`` array, C in {1, 3}."""
+  """Reads same-size images into uint8 ``(N, H, W, C)``; C is 3 if any has colour."""
   from PIL import Image
 
-  arrays, size = [], None
+  arrays = []
   for path in files:
     with Image.open(path) as image:
-      if size is None:
-        size, first = image.size, path
-      elif image.size != size:
-        raise ValueError(
-          f"Image {path} is {image.size[0]}x{image.size[1]} but {first} is"
-          f" {size[0]}x{size[1]}; all images of a folder: dataset must have"
-          " the same size (resize them first)."
-        )
       gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
       arrays.append(np.asarray(image.convert("L" if gray else "RGB")))
-  if any(a.ndim == 3 for a in arrays):
-    arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, -1) for a in arrays]
-    return np.stack(arrays)
-  return np.stack(arrays)[..., None]
-
-
-# ------------------------------------------------------------------- npz:
-
-
-def _load_npz(
-  path: Path,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-  """Reads ``x_train, y_train, x_test, y_test`` (+ optional ``class_names``).
-
-  Images may be ``(N, H, W)`` (a channel axis is added) or ``(N, H, W, C)``;
-  uint8 (or other integers within 0..255, cast to uint8) or float (cast to
-  float32, values kept). ``num_classes`` is ``len(class_names)`` if stored,
-  else the largest label + 1.
-  """
-  with np.load(path, allow_pickle=False) as data:
-    missing = [k for k in _NPZ_KEYS if k not in data.files]
-    if missing:
+    if arrays[-1].shape[:2] != arrays[0].shape[:2]:
+      (h, w), (h0, w0) = arrays[-1].shape[:2], arrays[0].shape[:2]
       raise ValueError(
-        f"npz: file {path} lacks arrays {missing}; it must hold"
-        f" {', '.join(_NPZ_KEYS)} (found {sorted(data.files)})."
+        f"Image {path} is {w}x{h} but {files[0]} is {w0}x{h0}; all images of a"
+        " folder: dataset must have the same size (resize them first)."
       )
-    arrays = {k: data[k] for k in _NPZ_KEYS}
+  if any(a.ndim == 3 for a in arrays):  # some colour: all RGB
+    arrays = [a if a.ndim == 3 else np.stack([a] * 3, -1) for a in arrays]
+  return np.stack([a.reshape(*a.shape[:2], -1) for a in arrays])
+
+
+def _load_npz(path: Path):
+  """Reads ``x_train, y_train, x_test, y_test`` and optional ``class_names``."""
+  with np.load(path, allow_pickle=False) as data:
+    if missing := [k for k in _NPZ_KEYS if k not in data.files]:
+      raise ValueError(
+        f"npz: file {path} lacks arrays {missing} (found {sorted(data.files)})."
+      )
+    x_train, x_test = (_as_images(data[k], k) for k in ("x_train", "x_test"))
+    y_train, y_test = data["y_train"], data["y_test"]
     names = data["class_names"] if "class_names" in data.files else None
-  x_train = _as_images(arrays["x_train"], "x_train")
-  x_test = _as_images(arrays["x_test"], "x_test")
   if x_train.shape[1:] != x_test.shape[1:] or x_train.dtype != x_test.dtype:
     raise ValueError(
       f"npz: x_train {x_train.shape[1:]} {x_train.dtype} and x_test"
       f" {x_test.shape[1:]} {x_test.dtype} differ in image shape or dtype."
     )
-  y_train = _as_labels(arrays["y_train"], "y_train")
-  y_test = _as_labels(arrays["y_test"], "y_test")
-  for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+  y_train, y_test = _as_labels(y_train, "y_train"), _as_labels(y_test, "y_test")
+  for x, y, s in ((x_train, y_train, "train"), (x_test, y_test, "test")):
     if len(x) != len(y):
-      raise ValueError(
-        f"npz: x_{split} has {len(x)} images but y_{split} {len(y)} labels."
-      )
+      raise ValueError(f"npz: x_{s} has {len(x)} images but y_{s} {len(y)} labels.")
   num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
-  if names is None:
-    class_names = tuple(str(c) for c in range(num_classes))
-  else:
-    class_names = tuple(str(n) for n in np.asarray(names).reshape(-1))
-    if len(class_names) < num_classes:
-      raise ValueError(
-        f"npz: {len(class_names)} class_names but labels go up to {num_classes - 1}."
-      )
-  return x_train, y_train, x_test, y_test, class_names
+  names = range(num_classes) if names is None else np.asarray(names).reshape(-1)
+  if len(names) < num_classes:
+    raise ValueError(
+      f"npz: {len(names)} class_names but labels reach {num_classes - 1}."
+    )
+  return x_train, y_train, x_test, y_test, tuple(str(n) for n in names)
 
 
 def _as_images(x: np.ndarray, key: str) -> np.ndarray:
   """Validates stored images; returns ``(N, H, W, C)`` uint8 or float32."""
-  if x.ndim == 3:
-    x = x[..., None]
-  elif x.ndim != 4:
-    raise ValueError(
-      f"npz: {key} must have shape (N, H, W) or (N, H, W, C), got {x.shape}."
-    )
-  if x.dtype == np.uint8:
-    return x
+  if x.ndim not in (3, 4):
+    raise ValueError(f"npz: {key} must be (N, H, W) or (N, H, W, C), got {x.shape}.")
+  x = x[..., None] if x.ndim == 3 else x
   if np.issubdtype(x.dtype, np.floating):
     return x.astype(np.float32)
-  if np.issubdtype(x.dtype, np.integer):
-    if x.size and (x.min() < 0 or x.max() > 255):
-      raise ValueError(f"npz: integer {key} must lie in 0..255.")
-    return x.astype(np.uint8)
-  raise ValueError(f"npz: {key} must be uint8 or float, got dtype {x.dtype}.")
+  if not np.issubdtype(x.dtype, np.integer):
+    raise ValueError(f"npz: {key} must be uint8 or float, got dtype {x.dtype}.")
+  if x.dtype != np.uint8 and x.size and (x.min() < 0 or x.max() > 255):
+    raise ValueError(f"npz: integer {key} must lie in 0..255.")
+  return x.astype(np.uint8)
