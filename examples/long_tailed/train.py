@@ -279,28 +279,20 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
   )
 
 
+#: Options a checkpoint may be resumed across (the cell's own come with it).
+_NOT_FINGERPRINTED = set(
+  ["preset", "method", "seed", "rho", "eta", "out", "resume", "progress", "devices", "checkpoint_every", "eval_batch_size"]
+)
+
+
 def fingerprint(exp: Experiment, cell: runner.Cell) -> dict[str, Any]:
   """What must match for a checkpoint to be resumed."""
-  skip = {
-    "preset",
-    "method",
-    "seed",
-    "rho",
-    "eta",
-    "out",
-    "resume",
-    "progress",
-    "devices",
-  }
-  skip |= {"checkpoint_every", "eval_batch_size"}
-  config = {k: v for k, v in options.to_json(exp.config).items() if k not in skip}
-  return {
-    **config,
-    "method": cell.method,
-    "seed": cell.seed,
-    **cell.setting,
-    "train_counts": exp.train_counts.tolist(),
-  }
+  config = options.to_json(exp.config)
+  made = {k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED}
+  made.update(
+    method=cell.method, seed=cell.seed, train_counts=exp.train_counts.tolist()
+  )
+  return {**made, **cell.setting}
 
 
 def checkpoint_dir(runs_dir: str | Path, cell: runner.Cell) -> Path:
@@ -322,15 +314,11 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     if config.resume and checkpointer.latest_epoch() is not None:
       state, meta = checkpointer.restore(state)
       if meta["fingerprint"] != made_with:
-        differ = {
-          k: (meta["fingerprint"].get(k), v)
-          for k, v in made_with.items()
-          if meta["fingerprint"].get(k) != v
-        }
+        differ = [k for k, v in made_with.items() if meta["fingerprint"].get(k) != v]
         raise ValueError(
-          f"Cannot resume from {checkpointer.directory}: it was made with other options"
-          f" (saved, now: {differ}). Use the original options, another --out, or"
-          " drop --resume."
+          f"Cannot resume from {checkpointer.directory}: it was made with other"
+          f" {', '.join(differ)}; use the original options, another --out, or no"
+          " --resume."
         )
       start, history = int(meta["epoch"]), meta["history"]
   log = runner.MetricsLog(
@@ -487,18 +475,14 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
   exp = prepare(config, dataset)
   ds, counts = exp.dataset, exp.train_counts
   log(
-    f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images,"
-    f" {ds.num_classes} classes,"
-    f" imbalance ratio {ds.imbalance_ratio:g}; train counts {counts.tolist()}"
+    f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images, imbalance"
+    f" ratio {ds.imbalance_ratio:g}; train counts per class {counts.tolist()}"
   )
   for eta in config.eta if "imbsam" in config.method else ():
     tail, capacity = imbsam_jax.tail_classes(counts, eta), exp.tail_capacity(eta)
     path = "exact" if capacity is None else f"fast, tail_capacity={capacity}"
-    log(
-      f"ImbSAM tail at eta={eta:g}: {int(tail.sum())} classes,"
-      f" {counts[tail].sum() / counts.sum():.1%}"
-      f" of the training images; {path} path"
-    )
+    share = counts[tail].sum() / counts.sum()
+    log(f"ImbSAM tail at eta={eta:g}: {tail.sum()} classes, {share:.1%}; {path} path")
   log(
     f"{config.model} (norm: {config.norm or 'model default'}), {config.epochs} epochs x"
     f" {exp.steps_per_epoch} steps of {config.batch_size} on {exp.mesh.size}"
@@ -521,7 +505,7 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
   if runner.is_main_process():
     paths = plot_results(results, Path(config.out))
     log(
-      f"\nWrote {Path(config.out) / report.RESULTS_FILE}, {', '.join(map(str, paths))}"
+      f"\nWrote {config.out}/: {report.RESULTS_FILE}, {', '.join(p.name for p in paths)}"
     )
   return json.loads(json.dumps(results))
 
@@ -563,34 +547,15 @@ def restore(run_entry: dict[str, Any], runs_dir: str | Path) -> Restored:
     FileNotFoundError: the run has no checkpoint.
     ValueError: the checkpoint is not the last epoch's, or not the run's.
   """
-  config = options.from_json(Config, run_entry["config"])
-  # What the runs of an experiment share (not their methods and sweeps).
-  exp = _experiment(
-    dataclasses.replace(
-      config,
-      method=("base",),
-      seed=(0,),
-      rho=Config.rho,
-      eta=Config.eta,
-      out=str(runs_dir),
-      progress=False,
-      resume=False,
-    )
-  )
-  cell = runner.Cell(
-    run_entry["method"],
-    int(run_entry["seed"]),
-    {k: run_entry[k] for k in USES[run_entry["method"]]},
-  )
-  directory, again = (
-    checkpoint_dir(runs_dir, cell),
-    f"run examples/train_long_tailed.py --out {runs_dir}",
-  )
+  config = options.from_json(Config, {**run_entry["config"], "method": ["base"]})
+  exp = _experiment(dataclasses.replace(config, out=str(runs_dir), progress=False))
+  setting = {k: run_entry[k] for k in USES[run_entry["method"]]}
+  cell = runner.Cell(run_entry["method"], int(run_entry["seed"]), setting)
+  directory = checkpoint_dir(runs_dir, cell)
+  again = f"run examples/train_long_tailed.py --out {runs_dir}"
   steps = build_run(exp, cell)
   if not directory.is_dir():
-    raise FileNotFoundError(
-      f"No checkpoints in {directory}: {again} (with checkpoints) first."
-    )
+    raise FileNotFoundError(f"No checkpoints in {directory}: {again} first.")
   with Checkpointer(directory) as checkpointer:
     state, meta = checkpointer.restore(steps.state)
   if meta["epoch"] != config.epochs:

@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -340,131 +341,101 @@ def _grouped(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, A
 
 
 def _per_class(runs: Sequence[Mapping[str, Any]], measure: str) -> np.ndarray:
-  """``(runs, C)`` values of ``measure`` (NaN where missing)."""
-  return np.array(
-    [
-      [np.nan if e[measure] is None else e[measure] for e in r["per_class"]]
-      for r in runs
-    ],
-    np.float64,
-  )
+  """``(runs, C)`` values of ``measure``, NaN where missing."""
+  values = [[e[measure] for e in r["per_class"]] for r in runs]
+  return np.array(values, dtype=float)  # None -> nan
 
 
 def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
-  """Per-class top eigenvalue and trace per run label (mean over seeds).
-
-  Rows: each class, the Many / Medium / Few splits (mean of their classes), and
-  the head and tail groups (the Hessian of the group's own loss). ``*`` marks
-  an eigenvalue whose power iteration did not converge in some seed.
+  """Top eigenvalue and trace per run label (mean over seeds), per class, per
+  Many / Medium / Few split (mean of its classes) and for the head and tail
+  groups (their own loss). ``*``: the power iteration did not converge somewhere.
   """
-  config, counts = runs[0]["config"], np.asarray(runs[0]["train_counts"])
+  config, counts, eta = runs[0]["config"], runs[0]["train_counts"], runs[0]["tail_eta"]
   grouped = _grouped(runs)
-  names = list(grouped)
+  rows = [["class", "images", *(f"{m} {n}" for m in ("eig", "trace") for n in grouped)]]
 
-  def text(value: Any, ok: bool = True) -> str:
-    if value is None or np.isnan(value):
-      return "-"
-    return f"{value:.4g}" + ("" if ok else "*")
-
-  def class_cells(mask: np.ndarray) -> list[str]:
-    cells = []
+  def cells(select: Callable[[list], tuple[float, bool]]) -> list[str]:
+    out = []
     for measure in _MEASURES:
       for members in grouped.values():
-        means = report.nanmean_columns(_per_class(members, measure))
-        chosen = [
-          m for m, keep in zip(means, mask, strict=True) if keep and m is not None
-        ]
-        converged = all(
-          e["eigen_converged"] is not False
-          for r in members
-          for e, keep in zip(r["per_class"], mask, strict=True)
-          if keep
-        )
-        value = float(np.mean(chosen)) if chosen else None
-        cells.append(text(value, converged or measure == "trace"))
-    return cells
+        value, ok = select([(r, measure) for r in members])
+        star = "" if ok or measure == "trace" else "*"
+        out.append("-" if np.isnan(value) else f"{value:.4g}{star}")
+    return out
 
-  def group_cells(group: str) -> list[str]:
-    cells = []
-    for measure in _MEASURES:
-      for members in grouped.values():
-        entries = [r["groups"][group] for r in members]
-        if any(e is None for e in entries):
-          cells.append("-")
-          continue
-        ok = all(e["eigen_converged"] for e in entries) or measure == "trace"
-        cells.append(text(float(np.mean([e[measure] for e in entries])), ok))
-    return cells
+  def classes(mask: np.ndarray) -> Callable[[list], tuple[float, bool]]:
+    def select(pairs: list) -> tuple[float, bool]:
+      values = np.stack([_per_class([r], m)[0][mask] for r, m in pairs])
+      with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = np.nanmean(np.nanmean(values, axis=0)) if values.size else np.nan
+      converged = [
+        e["eigen_converged"] for r, _ in pairs for e in np.array(r["per_class"])[mask]
+      ]
+      return value, False not in converged
 
-  many, few, eta = (
-    config["many_threshold"],
-    config["few_threshold"],
-    runs[0]["tail_eta"],
-  )
-  rows = [["", "", *(f"eig {n}" for n in names), *(f"trace {n}" for n in names)]]
-  rows[0][:2] = ["class", "images"]
-  classes = np.arange(len(counts))
+    return select
+
+  def group(name: str) -> Callable[[list], tuple[float, bool]]:
+    def select(pairs: list) -> tuple[float, bool]:
+      entries = [r["groups"][name] for r, _ in pairs]
+      if None in entries:
+        return np.nan, True
+      value = float(np.mean([e[m] for e, (_, m) in zip(entries, pairs, strict=True)]))
+      return value, all(e["eigen_converged"] for e in entries)
+
+    return select
+
+  index = np.arange(len(counts))
   for c, name in enumerate(config["class_names"]):
-    rows.append([str(name), str(counts[c]), *class_cells(classes == c)])
+    rows.append([str(name), str(counts[c]), *cells(classes(index == c))])
+  many, few = config["many_threshold"], config["few_threshold"]
   splits = metrics_lib.class_splits(counts, many_threshold=many, few_threshold=few)
   bounds = {"many": f">{many}", "medium": f"{few}-{many}", "few": f"<{few}"}
   for split, mask in splits.items():
     rows.append(
-      [f"{split.capitalize()} ({int(mask.sum())})", bounds[split], *class_cells(mask)]
+      [f"{split.capitalize()} ({mask.sum()})", bounds[split], *cells(classes(mask))]
     )
-  rows.append(["head group", f">={eta:g}", *group_cells("head")])
-  rows.append(["tail group", f"<{eta:g}", *group_cells("tail")])
-  seeds = sorted({r["seed"] for r in runs})
-  relative = [
+  rows.append(["head group", f">={eta:g}", *cells(group("head"))])
+  rows.append(["tail group", f"<{eta:g}", *cells(group("tail"))])
+  errors = [
     e["trace_stderr"] / abs(e["trace"])
     for r in runs
-    for e in [*r["per_class"], *(g for g in r["groups"].values() if g)]
+    for e in [*r["per_class"], *filter(None, r["groups"].values())]
     if e["trace_stderr"] is not None and e["trace"]
   ]
+  seeds = ",".join(map(str, sorted({r["seed"] for r in runs})))
   lines = [
-    "Hessian of each class's training loss at the last epoch (eig: top"
-    f" eigenvalue): {config['dataset_name']}, {config['model']}, loss"
-    f" {config['loss']}; mean over seeds {','.join(map(str, seeds))}",
+    "Hessian of each class's training loss at the last epoch (eig: top eigenvalue):"
+    f" {config['dataset_name']}, {config['model']}, loss {config['loss']}; mean over"
+    f" seeds {seeds}",
     report.text_table(rows),
-    "Many/Medium/Few: mean of their classes; head/tail group: the group's own"
-    f" loss (tail: fewer than eta = {eta:g} images).",
+    "Many/Medium/Few: mean of their classes; head/tail group: the group's own loss"
+    f" (tail: fewer than eta = {eta:g} images).",
   ]
-  if relative:
-    lines.append(
-      f"Trace standard errors: median {np.median(relative):.1%}, max"
-      f" {np.max(relative):.1%} of |trace|."
-    )
+  if errors:
+    median, largest = np.median(errors), np.max(errors)
+    lines.append(f"Trace standard errors: median {median:.1%}, max {largest:.1%}.")
   return "\n".join(lines)
 
 
 def plot_results(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
   """Per-class top eigenvalue and trace against training count (two panels)."""
-  config = runs[0]["config"]
-  grouped = _grouped(runs)
+  config, eta, grouped = runs[0]["config"], runs[0]["tail_eta"], _grouped(runs)
   figure = plots.figure(11.0, 4.2)
-  for ax, measure, what in zip(
-    figure.subplots(1, 2),
-    _MEASURES,
-    ("top Hessian eigenvalue of the class loss", "Hessian trace of the class loss"),
-    strict=True,
-  ):
+  for ax, measure in zip(figure.subplots(1, 2), _MEASURES, strict=True):
     values = {n: _per_class(members, measure) for n, members in grouped.items()}
-    positive = plots.draw_per_class(
-      ax,
-      runs[0]["train_counts"],
-      values,
-      thresholds={f"tail < eta = {runs[0]['tail_eta']:g}": runs[0]["tail_eta"]},
-      what=measure,
-    )
-    if positive:
+    thresholds = {f"tail < eta = {eta:g}": eta}
+    if plots.draw_per_class(ax, runs[0]["train_counts"], values, thresholds=thresholds):
       ax.set_yscale("log")
-    ax.set_ylabel(what)
+    ax.set_ylabel(f"{measure.replace('_', ' ')} of the class loss's Hessian")
     ax.legend()
-  seeds = sorted({r["seed"] for r in runs})
+  seeds = ",".join(map(str, sorted({r["seed"] for r in runs})))
   figure.suptitle(
     f"Per-class sharpness of the training loss: {config['dataset_name']},"
     f" {config['model']}, {config['epochs']} epochs, loss {config['loss']};"
-    f" seeds {','.join(map(str, seeds))}",
+    f" seeds {seeds}",
     fontsize=10,
   )
   return plots.save(figure, path)
