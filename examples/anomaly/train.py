@@ -286,7 +286,7 @@ def _train_step(
 ):
   """``(tx, jitted step)``, cached so that a sweep compiles each method once."""
   loss_fn = functools.partial(per_example_loss, eta=config.eta_sad)
-  if loss == "reconstruction":
+  if loss == "ae":
     loss_fn = reconstruction_loss
   mask_fn = imbsam_jax.labeled_anomaly_mask if method == "imbsam" else None
   tx = training.make_optimizer(
@@ -310,7 +310,7 @@ def fit(
   log: runner.MetricsLog | None = None,
 ) -> tuple[nnx.Module, list[float]]:
   """Trains a copy of ``model`` (left untouched); returns it and each epoch's
-  mean loss. ``loss`` is ``deep_sad`` (with ``method``) or ``reconstruction``."""
+  mean loss. ``loss`` is ``deep_sad`` (with ``method``) or ``ae`` (reconstruction)."""
   model = nnx.clone(model)
   model.train()
   mesh = training.data_parallel_mesh()
@@ -322,13 +322,8 @@ def fit(
   history = []
   for epoch in range(epochs):
     batches = data.iterate_batches(x, labels, config.batch_size, seed=seed, epoch=epoch)
-    state, means = training.train_epoch(
-      step,
-      state,
-      ({"image": b, "label": y} for b, y in batches),
-      mesh,
-      jax.random.key(seed),
-    )
+    batches = ({"image": b, "label": y} for b, y in batches)
+    state, means = training.train_epoch(step, state, batches, mesh, jax.random.key(0))
     history.append(means["loss"])
     if log is not None:
       log.write({"epoch": epoch + 1, **means})
@@ -358,15 +353,10 @@ def known_classes(
   return known
 
 
-def make_draw(
-  config: Config,
-  dataset: data.Dataset,
-  normal_class: int,
-  ratio: float,
-  pollution: float,
-  seed: int,
-) -> Draw:
-  """The training set and the initial model (pretrained if asked) of one draw."""
+def make_draw(config: Config, dataset: data.Dataset, key: tuple) -> Draw:
+  """The training set and initial model (pretrained if asked) of the draw
+  ``key = (normal_class, labeled_anomaly_ratio, pollution, seed)``."""
+  normal_class, ratio, pollution, seed = key
   known = known_classes(
     config.known_anomaly_classes, normal_class, dataset.num_classes, seed
   )
@@ -390,16 +380,8 @@ def make_draw(
   )
   if config.pretrain_epochs:
     ae = models.DeepSADAutoencoder(config.rep_dim, **kwargs, rngs=nnx.Rngs(seed))
-    dummy = np.zeros(len(train.x), np.int32)
-    ae, _ = fit(
-      ae,
-      train.x,
-      dummy,
-      config,
-      epochs=config.pretrain_epochs,
-      seed=seed,
-      loss="reconstruction",
-    )
+    dummy, epochs = np.zeros(len(train.x), np.int32), config.pretrain_epochs
+    ae, _ = fit(ae, train.x, dummy, config, epochs=epochs, seed=seed, loss="ae")
     nnx.update(model.encoder, nnx.state(ae.encoder))  # BatchNorm statistics too
   model.center[...] = compute_center(model, train.x, batch_size=config.eval_batch_size)
   info = {
@@ -427,19 +409,17 @@ def train_and_evaluate(
   key = (s["normal_class"], s["labeled_anomaly_ratio"], s["pollution"], cell.seed)
   if key not in draws:
     draws.clear()
-    draws[key] = make_draw(config, dataset, *key)
-  draw = draws[key]
-  start = time.perf_counter()
+    draws[key] = make_draw(config, dataset, key)
+  draw, start = draws[key], time.perf_counter()
+  log = runner.MetricsLog(Path(config.out) / "metrics" / f"{cell.name}.csv")
+  train = (draw.model, draw.train_data.x, draw.train_data.labels, config)
   trained, history = fit(
-    draw.model,
-    draw.train_data.x,
-    draw.train_data.labels,
-    config,
+    *train,
     epochs=config.epochs,
     seed=cell.seed,
     method=cell.method,
     rho=s.get("rho", 0.0),
-    log=runner.MetricsLog(Path(config.out) / "metrics" / f"{cell.name}.csv"),
+    log=log,
   )
   scores = anomaly_scores(trained, dataset.x_test, batch_size=config.eval_batch_size)
   is_anomaly = dataset.y_test != s["normal_class"]
