@@ -1,0 +1,682 @@
+"""Streaming image datasets: read, decoded and augmented by grain, never in memory.
+
+A *source* (:func:`open_source`) is a random-access sequence of records
+``{"image": encoded bytes or uint8 HWC, "label": int}`` that holds no images:
+
+- ``imagenet-lt:ROOT``, ``places-lt:ROOT``: the standard split lists
+  ``ImageNet_LT_{train,val,test}.txt``, ``Places_LT_{train,val,test}.txt`` in
+  ROOT, one ``relative/path.jpg label`` per line, next to the images they name;
+- ``list:ROOT,TRAIN_TXT,TEST_TXT``: any dataset in that format (splits ``train``,
+  ``test``; list paths relative to ROOT);
+- ``i_naturalist2018``: prepared TFDS data, array_record files read through
+  TFDS's data source (as ``tfds.data_source``), images left encoded; ``val``
+  and ``test`` are TFDS's ``validation`` split (its test split has no labels);
+- ``imagenet2012-lt:DIR``: the ImageNet-LT lists in DIR, images from prepared
+  TFDS ``imagenet2012`` records (:class:`TfdsListSource`).
+
+A *loader* (:func:`train_loader`, :func:`eval_loader`) is a :class:`Batches`
+iterator over this process's rows of a stream of global batches of ``B`` images:
+global batch ``s`` holds stream positions ``sB .. sB + B - 1`` and process ``p``
+of ``P`` yields the slice ``p B/P .. (p + 1) B/P - 1`` of it, decoded and
+augmented in ``workers`` grain processes that each make whole batches. The
+processes' batches, concatenated in process order (what
+``shared.training.shard_batch`` assembles), are therefore the same arrays for any
+process count and any number of workers, and a position (batches consumed) is
+the whole iterator state. The training stream is ``num_epochs`` epochs, each a
+permutation of the records (grain's ``index_shuffle``, seeded from ``seed`` and
+the epoch) cut to ``N // B`` whole batches; augmentation draws from
+``numpy.random.default_rng((seed, position))``. (grain's ``DataLoader`` with an
+``IndexSampler`` sharded by JAX process would give each process a fixed block of
+the list, and batches that change with the number of workers.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+#: Spec prefix -> (split-list prefix, number of classes).
+SPLIT_LISTS = {"imagenet-lt": ("ImageNet_LT", 1000), "places-lt": ("Places_LT", 365)}
+#: TFDS datasets read as streams -> {our split: TFDS split}.
+TFDS_SPLITS = {
+  "i_naturalist2018": {"train": "train", "val": "validation", "test": "validation"}
+}
+#: RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's).
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+#: Evaluation resizes the shorter side to this times the crop (256 for 224).
+EVAL_RESIZE = 256 / 224
+
+
+class Source(Protocol):
+  """What the loaders read: records, their labels, the number of classes."""
+
+  num_classes: int
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+  @property
+  def labels(self) -> np.ndarray: ...
+
+
+def valid_specs() -> tuple[str, ...]:
+  """The dataset specs :func:`open_source` accepts."""
+  lists = (f"{name}:ROOT" for name in SPLIT_LISTS)
+  return (*lists, "list:ROOT,TRAIN_TXT,TEST_TXT", *TFDS_SPLITS, "imagenet2012-lt:DIR")
+
+
+def open_source(
+  spec: str, *, split: str, data_dir: str | os.PathLike[str] | None = None
+) -> Source:
+  """The ``split`` (``train``, ``val``, ``test``) of a dataset spec; reads no image.
+
+  ``data_dir`` is TFDS's.
+
+  >>> open_source("cifar10", split="train")
+  Traceback (most recent call last):
+  ValueError: unknown streaming dataset 'cifar10'; valid: imagenet-lt:ROOT, ...
+  """
+  kind, _, rest = spec.partition(":")
+  if kind in SPLIT_LISTS and rest:
+    prefix, num_classes = SPLIT_LISTS[kind]
+    _check_split(spec, split, ("train", "val", "test"))
+    root = Path(rest)
+    return ListSource(root, root / f"{prefix}_{split}.txt", num_classes=num_classes)
+  if kind == "list" and len(parts := rest.split(",")) == 3:
+    _check_split(spec, split, ("train", "test"))
+    root, train, test = Path(parts[0]), *parts[1:]
+    num_classes = ListSource(root, root / train).num_classes
+    return ListSource(
+      root, root / (train if split == "train" else test), num_classes=num_classes
+    )
+  if kind == "imagenet2012-lt" and rest:
+    _check_split(spec, split, ("train", "val", "test"))
+    return TfdsListSource(Path(rest) / f"ImageNet_LT_{split}.txt", data_dir=data_dir)
+  if spec in TFDS_SPLITS:
+    _check_split(spec, split, tuple(TFDS_SPLITS[spec]))
+    return TfdsSource(spec, TFDS_SPLITS[spec][split], data_dir=data_dir)
+  raise ValueError(
+    f"unknown streaming dataset {spec!r}; valid: {', '.join(valid_specs())}"
+  )
+
+
+def class_counts(
+  source: Source | str, *, data_dir: str | os.PathLike[str] | None = None
+) -> np.ndarray:
+  """Images per class, int64 ``(num_classes,)``, of a source or a spec's train split.
+
+  Reads labels only: the list of a list source; a TFDS source's label column,
+  cached once next to its data (:attr:`TfdsSource.labels`). The Many / Medium /
+  Few splits are ``shared.metrics.class_splits(class_counts(...))``.
+  """
+  if isinstance(source, str):
+    source = open_source(source, split="train", data_dir=data_dir)
+  return np.bincount(source.labels, minlength=source.num_classes).astype(np.int64)
+
+
+def _check_split(spec: str, split: str, valid: tuple[str, ...]) -> None:
+  if split not in valid:
+    raise ValueError(f"{spec} has splits {', '.join(valid)}; got {split!r}.")
+
+
+class _SplitList:
+  """A split list read into arrays: ``paths``, int32 ``labels``, line numbers.
+
+  Labels must lie below ``num_classes`` (default: the largest label + 1).
+  """
+
+  def __init__(
+    self, list_file: str | os.PathLike[str], *, num_classes: int | None = None
+  ):
+    self.file = Path(list_file)
+    if not self.file.is_file():
+      raise FileNotFoundError(f"split list {self.file} does not exist.")
+    text = self.file.read_bytes()
+    paths, self.labels, self.lines = _parse_list(text.decode(), self.file)
+    self.paths = np.array(paths, dtype=bytes)
+    self.num_classes = num_classes or int(self.labels.max()) + 1
+    if (bad := np.flatnonzero(self.labels >= self.num_classes)).size:
+      raise ValueError(
+        f"{self.file} line {self.lines[bad[0]]}: label {self.labels[bad[0]]} is"
+        f" not below the {self.num_classes} classes."
+      )
+    self.digest = hashlib.sha1(text).hexdigest()[:12]
+
+  def where(self, index: int) -> str:
+    """``"FILE line N"`` of entry ``index``, for error messages."""
+    return f"{self.file} line {self.lines[index]}"
+
+  def __repr__(self) -> str:
+    return (
+      f"{self.file.name}: {len(self.labels)} images, {self.num_classes} classes,"
+      f" sha1 {self.digest}"
+    )
+
+
+def _parse_list(text: str, name: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """``(paths, int32 labels, line numbers)`` of a split list; blank lines skipped.
+
+  >>> _parse_list("a/1.jpg 0\\n\\nb/2.jpg 3\\n", Path("x.txt"))
+  (['a/1.jpg', 'b/2.jpg'], array([0, 3], dtype=int32), array([1, 3], dtype=int32))
+  """
+  paths, labels, lines = [], [], []
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2 or not parts[1].isdigit():
+      raise ValueError(
+        f"{name} line {number}: expected 'relative/path label' with a"
+        f" non-negative integer label, got {line!r}."
+      )
+    paths.append(parts[0])
+    labels.append(int(parts[1]))
+    lines.append(number)
+  if not paths:
+    raise ValueError(f"split list {name} names no images.")
+  return paths, np.array(labels, np.int32), np.array(lines, np.int32)
+
+
+class ListSource:
+  """The image files of a split list, paths relative to ``root``.
+
+  Construction reads the list only. ``source[i]`` reads image ``i``'s file:
+  ``{"image": bytes, "label": int}``; a missing file is a FileNotFoundError
+  naming the list's line.
+  """
+
+  def __init__(
+    self,
+    root: str | os.PathLike[str],
+    list_file: str | os.PathLike[str],
+    *,
+    num_classes: int | None = None,
+  ):
+    self.root, self._list = Path(root), _SplitList(list_file, num_classes=num_classes)
+    self.labels, self.num_classes = self._list.labels, self._list.num_classes
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.root / self._list.paths[index].decode()
+    try:
+      image = path.read_bytes()
+    except FileNotFoundError:
+      raise FileNotFoundError(f"{self._list.where(index)}: no file {path}") from None
+    return {"image": image, "label": int(self.labels[index])}
+
+  def __repr__(self) -> str:
+    return f"ListSource({self._list!r})"
+
+
+class TfdsSource:
+  """A split of a prepared TFDS dataset; records keep the image encoded."""
+
+  def __init__(
+    self, name: str, split: str, *, data_dir: str | os.PathLike[str] | None = None
+  ):
+    import tensorflow_datasets as tfds
+
+    self.name, self.split = name, split
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+    self._folder = Path(builder.data_dir)
+    try:
+      self._source = builder.as_data_source(
+        split, decoders={"image": tfds.decode.SkipDecoding()}
+      )
+    except (NotImplementedError, AssertionError, FileNotFoundError) as e:
+      raise RuntimeError(
+        f"TFDS dataset {name!r} is not prepared as array_record in {self._folder}:"
+        f" prepare it with `tfds build {name} --file_format=array_record"
+        " --data_dir=DIR` (needs `pip install 'imbsam_jax[tfds-prepare]'` and the"
+        " download) and pass DIR as data_dir."
+      ) from e
+    self.num_classes = int(builder.info.features["label"].num_classes)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self._source[index]
+    return {"image": example["image"], "label": int(example["label"])}
+
+  def column(self, feature: str) -> np.ndarray:
+    """One feature of every record, read once (no image decoded) and cached.
+
+    Reading costs a pass over the records, so the column is saved as
+    ``FEATURE-SPLIT.npy`` next to the split's array_record files (if writable)
+    and loaded from there later.
+    """
+    cache = self._folder / f"{feature}-{self.split}.npy"
+    stored = any(self._folder.glob(f"*-{self.split}.array_record*"))
+    if stored and cache.is_file() and len(values := np.load(cache)) == len(self):
+      return values
+    values = np.array([self._source[i][feature] for i in range(len(self))])
+    if stored:
+      with contextlib.suppress(OSError):
+        np.save(cache, values)
+    return values
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """int32 labels: the cached ``label`` :meth:`column`."""
+    return self.column("label").astype(np.int32)
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name}, {self.split}: {len(self)} images)"
+
+
+class TfdsListSource:
+  """A split list's images read from TFDS ``imagenet2012`` records, by file name.
+
+  List paths ``train/...`` are in TFDS's ``train`` split, ``val/...`` in
+  ``validation``; each split's ``file_name`` :meth:`TfdsSource.column` (one pass
+  over it, cached) finds the records. Labels are the list's.
+  """
+
+  def __init__(
+    self,
+    list_file: str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+  ):
+    self._list = _SplitList(list_file, num_classes=1000)
+    self.labels, self.num_classes = self._list.labels, self._list.num_classes
+    folders = np.array([p.split(b"/")[0] for p in self._list.paths])
+    self._sources, self._records = [], np.full(len(self.labels), -1, np.int64)
+    self._which = np.zeros(len(self.labels), np.int8)
+    for folder, split in ((b"train", "train"), (b"val", "validation")):
+      if not (rows := np.flatnonzero(folders == folder)).size:
+        continue
+      source = TfdsSource("imagenet2012", split, data_dir=data_dir)
+      names = source.column("file_name").astype(bytes)
+      wanted = np.array(
+        [Path(p.decode()).name.encode() for p in self._list.paths[rows]]
+      )
+      self._records[rows] = _positions(names, wanted)
+      self._which[rows] = len(self._sources)
+      self._sources.append(source)
+    if (missing := np.flatnonzero(self._records < 0)).size:
+      raise ValueError(
+        f"{self._list.where(missing[0])}: no imagenet2012 record"
+        f" {self._list.paths[missing[0]].decode()!r} ({missing.size} missing)."
+      )
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._sources[self._which[index]][self._records[index]]
+    return {"image": record["image"], "label": int(self.labels[index])}
+
+  def __repr__(self) -> str:
+    return f"TfdsListSource({self._list!r})"
+
+
+def _positions(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+  """Index in ``names`` of each of ``wanted`` (-1 where absent).
+
+  >>> _positions(np.array([b"b", b"a", b"c"]), np.array([b"a", b"c", b"x"])).tolist()
+  [1, 2, -1]
+  """
+  order = np.argsort(names)
+  at = np.minimum(np.searchsorted(names[order], wanted), len(names) - 1)
+  return np.where(names[order][at] == wanted, order[at], -1)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def random_resized_crop_box(
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  scale: tuple[float, float] = SCALE,
+  ratio: tuple[float, float] = RATIO,
+) -> tuple[int, int, int, int]:
+  """``(top, left, h, w)`` of torchvision's RandomResizedCrop: 10 tries, then centre.
+
+  .. math::
+    h w \\approx a H W,\\ w / h \\approx r, \\quad a \\sim U(\\text{scale}),\\
+    \\log r \\sim U(\\log \\text{ratio})
+
+  >>> random_resized_crop_box(375, 500, np.random.default_rng(0))
+  (35, 302, 171, 129)
+  >>> random_resized_crop_box(10, 100, np.random.default_rng(0), scale=(1, 1))
+  (0, 43, 10, 13)
+  """
+  area, log_ratio = height * width, np.log(ratio)
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      return top, int(rng.integers(0, width - w + 1)), h, w
+  aspect = width / height
+  if aspect < min(ratio):
+    w, h = width, round(width / min(ratio))
+  elif aspect > max(ratio):
+    w, h = round(height * max(ratio)), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_shape(height: int, width: int, shorter: int) -> tuple[int, int]:
+  """``(h, w)`` with the shorter side ``shorter`` (torchvision's ``Resize(int)``).
+
+  >>> resized_shape(375, 500, 256)
+  (256, 341)
+  """
+  if height <= width:
+    return shorter, int(shorter * width / height)
+  return int(shorter * height / width), shorter
+
+
+def _to_image(image: bytes | np.ndarray) -> Image.Image:
+  """An RGB PIL image from encoded bytes or a uint8 ``(H, W)``/``(H, W, C)`` array."""
+  if isinstance(image, bytes):
+    image = Image.open(io.BytesIO(image))
+  else:
+    pixels = np.asarray(image, np.uint8)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[2:] == (1,) else pixels)
+  return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+  """``(position, index)`` -> RandomResizedCrop + flip of record ``index``."""
+
+  source: Source
+  image_size: int
+  seed: int
+
+  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    position, index = item
+    record, rng = self.source[index], np.random.default_rng((self.seed, position))
+    image = _to_image(record["image"])
+    top, left, h, w = random_resized_crop_box(image.height, image.width, rng)
+    size = (self.image_size, self.image_size)
+    image = image.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
+    pixels = np.asarray(image)
+    if rng.random() < 0.5:
+      pixels = pixels[:, ::-1]
+    return {"image": pixels, "label": np.int32(record["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+  """``(position, index)`` -> resize + centre crop of record ``index`` (-1: padding)."""
+
+  source: Source
+  image_size: int
+
+  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    _, index = item
+    size = self.image_size
+    if index < 0:
+      blank = np.zeros((size, size, 3), np.uint8)
+      return {"image": blank, "label": np.int32(0), "valid": np.False_}
+    record = self.source[index]
+    image = _to_image(record["image"])
+    h, w = resized_shape(image.height, image.width, round(size * EVAL_RESIZE))
+    top, left = round((h - size) / 2), round((w - size) / 2)
+    image = image.resize((w, h), Image.BILINEAR)
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)))
+    return {"image": pixels, "label": np.int32(record["label"]), "valid": np.True_}
+
+
+# ------------------------------------------------------------------ loaders
+
+
+class _Stream:
+  """Local position -> ``(stream position, record index)``; -1 is padding.
+
+  Epoch ``e`` covers stream positions ``e S B .. (e + 1) S B - 1`` (``S`` steps of
+  ``B``); position ``e S B + k`` is record ``order[e N + k]`` if ``k < N``.
+  """
+
+  def __init__(
+    self,
+    num_records: int,
+    batch_size: int,
+    steps: int,
+    num_epochs: int,
+    process_index: int,
+    process_count: int,
+    order: grain.MapDataset | None,
+  ):
+    self._n, self._batch, self._steps = num_records, batch_size, steps
+    self._local = batch_size // process_count
+    self._offset = process_index * self._local
+    self._len = steps * num_epochs * self._local
+    self._order = order
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> tuple[int, int]:
+    step, row = divmod(index, self._local)
+    position = step * self._batch + self._offset + row
+    epoch, k = divmod(position, self._steps * self._batch)
+    if k >= self._n:
+      return position, -1
+    return position, int(k if self._order is None else self._order[epoch * self._n + k])
+
+
+class Batches:
+  """An iterator of one process's batches that knows its position.
+
+  ``len()`` is the number of batches of the whole stream, ``position`` the number
+  consumed. :meth:`get_state` is JSON-ready and the same on every process;
+  :meth:`set_state` continues from it with any number of workers or processes.
+  Workers start at the first ``next()`` (about 1 s each) and keep 2 batches
+  ready each; with 2 or more, batch arrays live in shared memory (grain's
+  ``SharedMemoryArray``, an ``ndarray``).
+  """
+
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    *,
+    steps_per_epoch: int,
+    workers: int,
+    threads: int,
+    description: str,
+  ):
+    self.steps_per_epoch = steps_per_epoch
+    self.position = 0
+    self._batches, self._workers, self._threads = batches, workers, threads
+    self._description = description
+    self._iterator: grain.DatasetIterator | None = None
+
+  def __len__(self) -> int:
+    return len(self._batches)
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.position >= len(self):
+      self.close()
+      raise StopIteration
+    if self._iterator is None:
+      self._iterator = self._start()
+    batch = next(self._iterator)
+    self.position += 1
+    return batch
+
+  def _start(self) -> grain.DatasetIterator:
+    read = grain.ReadOptions(
+      num_threads=self._threads, prefetch_buffer_size=2 * self._threads
+    )
+    dataset = self._batches[self.position :].to_iter_dataset(read)
+    if self._workers:
+      _mark_absl_flags_parsed()
+      options = grain.MultiprocessingOptions(
+        num_workers=self._workers, per_worker_buffer_size=2
+      )
+      dataset = dataset.mp_prefetch(options)
+    return iter(dataset)
+
+  def get_state(self) -> dict[str, Any]:
+    """``{"position": batches consumed, "loader": what this loader reads}``."""
+    return {"position": self.position, "loader": self._description}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a :meth:`get_state` of a loader of the same data and options."""
+    if state["loader"] != self._description:
+      raise ValueError(
+        f"iterator state of another loader: saved for {state['loader']}, this is"
+        f" {self._description}."
+      )
+    self.close()
+    self.position = int(state["position"])
+
+  def close(self) -> None:
+    """Stops the workers; iterating again restarts them at :attr:`position`."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+  def __enter__(self) -> Batches:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def train_loader(
+  source: Source,
+  *,
+  global_batch_size: int,
+  seed: int,
+  num_epochs: int = 1,
+  image_size: int = 224,
+  shuffle: bool = True,
+  workers: int = 0,
+  threads: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Batches:
+  """``num_epochs`` epochs of ``N // B`` training batches of this process.
+
+  Batches: ``{"image": uint8 (B/P, S, S, 3), "label": int32 (B/P,)}``,
+  RandomResizedCrop to ``S = image_size`` (scale :data:`SCALE`, ratio
+  :data:`RATIO`) and a horizontal flip with probability 1/2. ``workers``: grain
+  processes (0: this one), each with ``threads`` reading threads; process index
+  and count default to JAX's.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  _check_batching(global_batch_size, process_index, process_count, seed)
+  if (steps := len(source) // global_batch_size) == 0:
+    raise ValueError(f"global_batch_size={global_batch_size} > {len(source)} images.")
+  order = None
+  if shuffle:
+    mixed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    order = grain.MapDataset.range(len(source)).shuffle(seed=mixed)
+  stream = _Stream(
+    len(source),
+    global_batch_size,
+    steps,
+    num_epochs,
+    process_index,
+    process_count,
+    order,
+  )
+  examples = grain.MapDataset.source(stream).map(
+    _TrainExample(source, image_size, seed)
+  )
+  description = (
+    f"train_loader({source!r}, global_batch_size={global_batch_size}, seed={seed},"
+    f" num_epochs={num_epochs}, image_size={image_size}, shuffle={shuffle})"
+  )
+  return Batches(
+    examples.batch(global_batch_size // process_count, drop_remainder=True),
+    steps_per_epoch=steps,
+    workers=workers,
+    threads=threads,
+    description=description,
+  )
+
+
+def eval_loader(
+  source: Source,
+  *,
+  global_batch_size: int,
+  image_size: int = 224,
+  workers: int = 0,
+  threads: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Batches:
+  """The records in order, ``ceil(N / B)`` batches on every process, padded.
+
+  Batches: ``{"image": uint8 (B/P, S, S, 3), "label": int32, "valid": bool}``:
+  shorter side resized to ``S`` x :data:`EVAL_RESIZE` (256 for 224), centre crop
+  ``S``; padding rows (after the last record) are zeros with ``valid`` False.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  _check_batching(global_batch_size, process_index, process_count, seed=0)
+  steps = -(-len(source) // global_batch_size)
+  stream = _Stream(
+    len(source), global_batch_size, steps, 1, process_index, process_count, None
+  )
+  examples = grain.MapDataset.source(stream).map(_EvalExample(source, image_size))
+  description = (
+    f"eval_loader({source!r}, global_batch_size={global_batch_size},"
+    f" image_size={image_size})"
+  )
+  return Batches(
+    examples.batch(global_batch_size // process_count),
+    steps_per_epoch=steps,
+    workers=workers,
+    threads=threads,
+    description=description,
+  )
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+  """This process's index and the process count (JAX's unless given)."""
+  return (
+    jax.process_index() if index is None else index,
+    jax.process_count() if count is None else count,
+  )
+
+
+def _check_batching(batch_size: int, index: int, count: int, seed: int) -> None:
+  valid = 0 <= index < count and batch_size > 0 and batch_size % count == 0
+  if not valid or not 0 <= seed < 2**32:
+    raise ValueError(
+      "Need 0 <= process_index < process_count, a positive global_batch_size"
+      f" multiple of process_count and a seed in [0, 2**32); got {batch_size=},"
+      f" process_index={index}, process_count={count}, {seed=}."
+    )
+
+
+def _mark_absl_flags_parsed() -> None:
+  """grain 0.2.18's workers read an absl flag, failing unless flags are parsed.
+
+  Fixed upstream (google/grain#1355); until then, use the flags' defaults.
+  """
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
