@@ -230,7 +230,9 @@ def measure_throughput(root: Path, args: Config) -> dict[str, Any]:
   """Medians over interleaved rounds of each variant's images/s.
 
   ``plain-xW``: W plain loops in W processes at once, images/s together: what
-  the machine gives W-way parallel work (the ceiling of ``grain-W``).
+  the machine gives W-way parallel work, the ceiling of ``grain-W``
+  (``plain`` for ``grain-0`` and ``grain-1``). ``of_ceiling``: the median over
+  rounds of ``grain-W`` / its ceiling in the same round (robust to other load).
   """
   list_file = str(root / f"list-{args.images}.txt")
   source = pipeline.ListSource(root, list_file)
@@ -259,9 +261,16 @@ def measure_throughput(root: Path, args: Config) -> dict[str, Any]:
     for pool in pools.values():
       pool.close()
   median = {k: statistics.median(v) for k, v in rates.items()}
+  ceiling = {w: rates[f"plain-x{w}" if w > 1 else "plain"] for w in args.workers}
   return {
     "images_per_s": median,
     "ratio_to_plain": {k: v / median["plain"] for k, v in median.items()},
+    "of_ceiling": {
+      f"grain-{w}": statistics.median(
+        g / c for g, c in zip(rates[f"grain-{w}"], ceiling[w], strict=True)
+      )
+      for w in args.workers
+    },
     "startup_s": {k: statistics.median(v) for k, v in startup.items()},
     "all_rounds": rates,
   }
@@ -309,12 +318,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "feeding": feeding(rates, args),
     "memory": memory,
   }
-  print(f"{'loader':10} {'images/s':>9} {'x plain':>8} {'startup s':>10}")
+  print(
+    f"{'loader':10} {'images/s':>9} {'x plain':>8} {'of ceiling':>10} {'startup s':>10}"
+  )
+  fmt = lambda x, spec: "-" if x is None else format(x, spec)
   for name, rate in rates.items():
     startup = throughput["startup_s"].get(name)
+    ceiling = throughput["of_ceiling"].get(name)
     print(
       f"{name:10} {rate:9.0f} {throughput['ratio_to_plain'][name]:8.2f}"
-      f" {'-' if startup is None else format(startup, '10.1f'):>10}"
+      f" {fmt(ceiling, '.0%'):>10} {fmt(startup, '.1f'):>10}"
     )
   feed = result["feeding"]
   print(
@@ -323,12 +336,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     f" images/s per core -> {feed['cores_to_feed_accelerator']} cores"
   )
   for row in memory:
-    total = row["peak_total_rss_mb"]
     print(
       f"epoch over {row['images']} images ({row['seconds']:.0f} s): peak RSS"
       f" {row['peak_rss_mb']:.0f} MB, largest worker"
       f" {row['peak_worker_rss_mb']:.0f} MB, all processes"
-      f" {'-' if total is None else format(total, '.0f')} MB"
+      f" {fmt(row['peak_total_rss_mb'], '.0f')} MB"
     )
   if args.out:
     path = Path(args.out)
