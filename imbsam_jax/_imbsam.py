@@ -375,10 +375,15 @@ def imbsam(
   BatchNorm: ``loss_fn`` is pure, so whatever statistics the adversarial passes
   compute are discarded; keep the running statistics of the caller's clean
   pass. With BatchNorm in training mode the per-example losses depend on the
-  batch, and the tail-only passes of ``tail_capacity`` normalize with
-  statistics of the tail examples alone; use the exact path (the default) or a
-  batch-independent normalization (GroupNorm, LayerNorm) to match the
-  reference.
+  whole batch, and plain tail-only passes of ``tail_capacity`` would normalize
+  with statistics of the tail examples alone. Either use the exact path (the
+  default: full-batch statistics recomputed at ``w + e``, as the reference), or
+  hand in a ``loss_fn`` whose BatchNorm layers normalize with tail statistics
+  anchored to the clean pass (``imbsam_jax.flax``: ``nnx_loss_fn(...,
+  clean_stats=...)``, ``linen_apply_with_clean_stats``), an approximation of
+  the reference that needs the tail examples only. Let both tail passes use it
+  (do not hand in ``tail_grads`` from the training-mode clean pass): then
+  ``rho = 0`` is still exactly ``base_tx``.
 
   Args:
     base_tx: any Optax transformation; receives the ImbSAM gradient and all
