@@ -218,11 +218,13 @@ def _training(layer: nnx.BatchNorm, use_running_average: bool | None) -> bool:
   return not flag
 
 
-class _RecordingBatchNorm(nnx.BatchNorm):
-  """nnx.BatchNorm that also records its tail rows' statistics (clean pass).
+@functools.cache
+def _recording_class(cls: type) -> type:
+  """``cls`` (nnx.BatchNorm or a subclass) that also records its tail rows'
+  statistics: the clean pass.
 
-  Only ever assigned as the class of a BatchNorm in a throwaway copy of the
-  model; its momentum is 0 there, so it stores its batch statistics exactly.
+  Only ever the class of a BatchNorm in a throwaway copy of the model, whose
+  momentum is 0 there, so that it stores its batch statistics exactly.
   """
 
   def __call__(self, x, use_running_average=None, *, mask=None):
@@ -230,11 +232,15 @@ class _RecordingBatchNorm(nnx.BatchNorm):
     if _training(self, use_running_average):
       stats = _tail_stats(x, slot.rows, self.axis)
       slot.tail = jax.tree.map(jax.lax.stop_gradient, stats)
-    return super().__call__(x, use_running_average, mask=mask)
+    return cls.__call__(self, x, use_running_average, mask=mask)
+
+  return type(f"_Recording{cls.__name__}", (cls,), {"__call__": __call__})
 
 
-class _AnchoredBatchNorm(nnx.BatchNorm):
-  """nnx.BatchNorm normalizing with anchored tail statistics (tail passes)."""
+@functools.cache
+def _anchored_class(cls: type) -> type:
+  """``cls`` (nnx.BatchNorm or a subclass) on anchored tail statistics: the
+  tail passes (a throwaway copy of the model too)."""
 
   def __call__(self, x, use_running_average=None, *, mask=None):
     slot = self._imbsam_slot
@@ -248,7 +254,9 @@ class _AnchoredBatchNorm(nnx.BatchNorm):
     mean, var = _anchored_stats(x, slot.rows, self.axis, slot.clean, self.epsilon)
     self.mean[...] = mean
     self.var[...] = var
-    return super().__call__(x, True, mask=mask)
+    return cls.__call__(self, x, True, mask=mask)
+
+  return type(f"_Anchored{cls.__name__}", (cls,), {"__call__": __call__})
 
 
 @contextlib.contextmanager
@@ -266,19 +274,22 @@ def _recording(model: Any, rows: jax.Array) -> Iterator[list[CleanStats]]:
   saved = []
   for path, layer in _batch_norms(model):
     key = _path_key(path)
-    saved.append((layer, key, layer.momentum, _value(layer.mean), _value(layer.var)))
+    cls = type(layer)
+    saved.append(
+      (layer, cls, key, layer.momentum, _value(layer.mean), _value(layer.var))
+    )
     layer.momentum = 0.0
     layer._imbsam_slot = _Slot(key, rows)
-    layer.__class__ = _RecordingBatchNorm
+    layer.__class__ = _recording_class(cls)
   result: list[CleanStats] = []
   try:
     yield result
   finally:
-    for layer, _, momentum, *_ in saved:
-      layer.__class__ = nnx.BatchNorm
+    for layer, cls, _, momentum, *_ in saved:
+      layer.__class__ = cls
       layer.momentum = momentum
   stats: CleanStats = {}
-  for layer, key, momentum, old_mean, old_var in saved:
+  for layer, _, key, momentum, old_mean, old_var in saved:
     slot = layer._imbsam_slot
     if slot.tail is None:  # evaluation mode: normalized with the running averages
       stats[key] = {"mean": old_mean, "var": old_var}
@@ -300,7 +311,7 @@ def _anchor(model: Any, rows: jax.Array, clean_stats: CleanStats) -> None:
     entry = _clean_entry(clean_stats, key, "nnx_loss_fn(..., with_clean_stats=True)")
     clean = jax.tree.map(jax.lax.stop_gradient, dict(entry))
     layer._imbsam_slot = _Slot(key, rows, clean)
-    layer.__class__ = _AnchoredBatchNorm
+    layer.__class__ = _anchored_class(type(layer))
 
 
 def nnx_loss_fn(

@@ -719,3 +719,36 @@ def test_linen_bad_arguments():
     imbsam_jax.flax.linen_apply_recording_clean_stats(
       net.apply, variables, batch["x"], train=True, tail_mask=jnp.ones(3)
     )
+
+
+def test_nnx_batchnorm_subclass_keeps_its_behaviour():
+  """A subclass of nnx.BatchNorm runs its own __call__ in both passes."""
+
+  class HalfBatchNorm(nnx.BatchNorm):
+    def __call__(self, x, use_running_average=None, *, mask=None):
+      return 0.5 * super().__call__(x, use_running_average, mask=mask)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+      self.norm = HalfBatchNorm(4, rngs=rngs)
+      self.head = nnx.Linear(4, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
+
+  model = Net(nnx.Rngs(0))
+  batch = BATCHES[0]
+  want = per_example_loss(nnx.clone(model), batch)
+  loss, _, stats = imbsam_jax.flax.nnx_value_and_grad_with_clean_stats(
+    per_example_loss, model, batch, tail_mask=tail_mask
+  )
+  np.testing.assert_allclose(loss, want.mean(), rtol=1e-6)
+  assert type(model.norm) is HalfBatchNorm
+  tail_loss = imbsam_jax.flax.nnx_loss_fn(
+    model, per_example_loss, tail_mask=tail_mask, clean_stats=stats
+  )
+  rows = np.asarray(tail_mask(batch))
+  np.testing.assert_allclose(
+    tail_loss(nnx.state(model, nnx.Param), batch)[rows], want[rows], rtol=1e-5
+  )
