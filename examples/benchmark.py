@@ -10,7 +10,8 @@ on the same model and batch; only the optimizer differs:
 - ``imbsam-exact``: the tail gradient from the clean forward via
   ``value_and_tail_grads`` (8 passes, the reference implementation's count);
 - ``imbsam-fast``: ``tail_capacity=k``, the two tail passes on k gathered examples
-  (3 + 6k/B passes).
+  (3 + 6k/B passes); with BatchNorm, their statistics anchored to the clean pass
+  (``imbsam_jax.flax``, an approximation), else exact.
 
 Times are medians over rounds in which the variants run interleaved, so that drifts
 of a noisy machine hit all of them alike; ratios to SGD (and SAM) in the same process
@@ -118,13 +119,12 @@ def build_step(variant: str, args: Config, norm: str, capacity: int):
   model = models.CifarResNet(
     NUM_CLASSES, depth=args.depth, width=args.width, norm=norm, rngs=nnx.Rngs(0)
   )
+  path = {"imbsam-exact": "exact", "imbsam": "gathered"}.get(variant)
+  if variant == "imbsam-fast":  # BatchNorm: anchored tail statistics
+    path = training.tail_path(model, capacity, "anchored")
   graphdef, state = training.init_train_state(model, tx)
   step = training.make_train_step(
-    graphdef,
-    per_example_loss,
-    method,
-    tx,
-    tail_mask_fn=mask_fn if variant == "imbsam-exact" else None,
+    graphdef, per_example_loss, method, tx, tail_mask_fn=mask_fn, path=path or "exact"
   )
   return jax.jit(step), state
 

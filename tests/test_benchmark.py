@@ -40,14 +40,21 @@ def test_imbsam_peak_memory_within_sams(tmp_path):
   args = benchmark.parse_args(["--width=8"])
   batch = benchmark.make_batch(64, num_tail=13)
   memory = {}
-  for variant, capacity in [("sam", 0), ("imbsam", 0), ("imbsam-fast", 24)]:
-    step, state = benchmark.build_step(variant, args, "group", capacity)
+  for norm, variant, capacity in [
+    ("group", "sam", 0),
+    ("group", "imbsam", 0),
+    ("group", "imbsam-fast", 24),
+    ("batch", "sam", 0),
+    ("batch", "imbsam-fast", 24),  # anchored BatchNorm statistics
+  ]:
+    step, state = benchmark.build_step(variant, args, norm, capacity)
     compiled = step.lower(state, batch, jax.random.key(0)).compile()
-    memory[variant] = benchmark.peak_memory_bytes(compiled)
-  if memory["sam"] is None:  # a backend without memory analysis
+    memory[norm, variant] = benchmark.peak_memory_bytes(compiled)
+  if memory["group", "sam"] is None:  # a backend without memory analysis
     return
-  assert memory["imbsam"] <= memory["sam"] * 1.01, memory
-  assert memory["imbsam-fast"] <= memory["sam"], memory
+  assert memory["group", "imbsam"] <= memory["group", "sam"] * 1.01, memory
+  assert memory["group", "imbsam-fast"] <= memory["group", "sam"], memory
+  assert memory["batch", "imbsam-fast"] <= memory["batch", "sam"], memory
 
 
 def test_benchmark_options(tmp_path, capsys):

@@ -232,7 +232,9 @@ def test_imbsam_step_sees_labeled_anomalies_as_tail(train_data):
   model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx, step = deep_sad._train_step(graphdef, Config(), "deep_sad", "imbsam", 0.01)
+  tx, step = deep_sad._train_step(
+    graphdef, Config(), "deep_sad", "imbsam", 0.01, "exact", 0.1
+  )
   state = training.TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params))
   labels = train_data.labels[-32:].copy()
   labels[:28] = 0  # 4 labeled anomalies in a batch of 32

@@ -224,6 +224,8 @@ def test_options_defaults_presets_and_aliases():
     (["--preset", "imagenet"], "--preset: unknown preset 'imagenet'"),
     (["--rho", "0.1,0.1"], "--rho: repeated value"),
     (["--batch-size", "7", "--devices", "2"], "--devices: there are only 1"),
+    (["--norm", "batch", "--tail-capacity", "8"], "--tail-capacity: a BatchNorm"),
+    (["--tail-bn", "fixed"], "--tail-bn: 'fixed' is not one of exact, anchored"),
   ],
 )
 def test_bad_options_one_line_exit_2(argv, message, capsys):
@@ -322,7 +324,8 @@ def test_npz_all_optimizers_schema_compiles_and_plot(reference, capsys):
     log = (out / "metrics" / f"{name}.csv").read_text().splitlines()
     assert len(log) == 3 and log[0].startswith("epoch,step,accuracy,loss")
   imbsam = results["runs"][2]
-  assert imbsam["tail_classes"] == [1, 2, 3] and imbsam["tail_capacity"] is None
+  assert imbsam["tail_classes"] == [1, 2, 3] and imbsam["tail_path"] == "gathered"
+  assert imbsam["tail_capacity"] == 8  # small_cnn: the fast path, exact
   assert (imbsam["rho"], imbsam["eta"]) == (0.05, 20.0)
   assert results["runs"][0]["rho"] is None and results["runs"][0]["method"] == "base"
   assert "tail_fraction,tail_grad_norm,lr" in log[0]
@@ -391,23 +394,35 @@ def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeyp
     long_tailed.main([*args, "--resume", "--lr", "0.5"])
 
 
-def test_tail_capacity_fast_path_matches_exact_path(reference, npz_file, tmp_path):
-  _, exact = reference
-  fast = long_tailed.main(
+def test_fast_path_matches_exact_path(reference, npz_file, tmp_path):
+  _, fast = reference
+  exact = long_tailed.main(
     npz_args(
       npz_file,
       tmp_path,
       *(*REFERENCE, "--optimizer", "imbsam"),
-      *("--tail-capacity", "auto", "--checkpoint-every", "0"),
+      *("--tail-capacity", "none", "--checkpoint-every", "0"),
     )
   )
-  capacity = fast["runs"][0]["tail_capacity"]
-  assert isinstance(capacity, int) and 1 <= capacity <= 8
-  assert exact["runs"][2]["tail_capacity"] is None
+  exact, fast = exact["runs"][0], fast["runs"][2]  # the reference is the fast one
+  assert exact["tail_capacity"] is None and exact["tail_path"] == "exact"
   for key in ("train_loss", "train_tail_grad_norm"):  # small_cnn: no BatchNorm
-    np.testing.assert_allclose(
-      fast["runs"][0]["history"][key], exact["runs"][2]["history"][key], rtol=1e-4
-    )
+    np.testing.assert_allclose(fast["history"][key], exact["history"][key], rtol=1e-4)
+
+
+def test_batch_norm_anchored_fast_path(npz_file, tmp_path, capsys):
+  """BatchNorm: the exact path by default, the anchored fast path on request."""
+  args = [*SMALL, "--norm", "batch", "--optimizer", "imbsam", "--epochs", "1"]
+  args += ["--checkpoint-every", "0", "--dataset", f"npz:{npz_file}"]
+  exact = long_tailed.main([*args, "--out", str(tmp_path / "a")])["runs"][0]
+  assert exact["tail_path"] == "exact" and exact["tail_capacity"] is None
+  run = long_tailed.main([*args, "--tail-bn", "anchored", "--out", str(tmp_path / "b")])
+  run = run["runs"][0]
+  assert run["tail_path"] == "anchored" and run["tail_capacity"] == 8
+  assert "fast path, anchored BatchNorm (tail_capacity=8)" in capsys.readouterr().out
+  np.testing.assert_allclose(
+    run["history"]["train_loss"], exact["history"]["train_loss"], rtol=0.05
+  )
 
 
 def test_digits_default_dataset(tmp_path):

@@ -99,10 +99,10 @@ def base_tx():
   [
     ("base", {}, lambda pure, p, b: jax.grad(lambda q: pure(q, b).mean())(p)),
     ("sam", {}, sam_grads),
-    ("imbsam", {}, imbsam_grads),
+    ("imbsam", {"tail_mask_fn": MASK_FN, "path": "gathered"}, imbsam_grads),
     ("imbsam", {"tail_mask_fn": MASK_FN}, imbsam_grads),
   ],
-  ids=["base", "sam", "imbsam", "imbsam-one-forward"],
+  ids=["base", "sam", "imbsam-own-tail-passes", "imbsam-one-forward"],
 )
 def test_step_matches_reference(method, kwargs, reference):
   tx = training.make_optimizer(method, base_tx(), rho=0.1, tail_mask_fn=MASK_FN)
@@ -154,7 +154,10 @@ def test_sharded_step_on_local_devices():
   tx = training.make_optimizer("imbsam", base_tx(), rho=0.1, tail_mask_fn=MASK_FN)
   graphdef, state = training.init_train_state(Net(nnx.Rngs(0)), tx)
   state = training.replicate(state, mesh)
-  step = jax.jit(training.make_train_step(graphdef, per_example_loss, "imbsam", tx))
+  step = training.make_train_step(
+    graphdef, per_example_loss, "imbsam", tx, tail_mask_fn=MASK_FN
+  )
+  step = jax.jit(step)
   batch = training.shard_batch(jax.tree.map(np.asarray, BATCHES[0]), mesh)
   state, metrics = step(state, batch, jax.random.key(0))
   assert np.isfinite(float(metrics["loss"]))

@@ -282,17 +282,38 @@ def base_optimizer(config: Config) -> optax.GradientTransformation:
 
 @functools.cache
 def _train_step(
-  graphdef: nnx.GraphDef, config: Config, loss: str, method: str, rho: float
+  graphdef: nnx.GraphDef,
+  config: Config,
+  loss: str,
+  method: str,
+  rho: float,
+  path: str,
+  tail_fraction: float,
 ):
-  """``(tx, jitted step)``, cached so that a sweep compiles each method once."""
+  """``(tx, jitted step)``, cached so that a sweep compiles each method once.
+
+  ImbSAM's tail is the labeled anomalies, a share ``tail_fraction`` of the
+  training set; ``path`` is ``gathered`` (the fast path, exact without
+  BatchNorm, ``tail_capacity="auto"``) or ``exact``.
+  """
   loss_fn = functools.partial(per_example_loss, eta=config.eta_sad)
   if loss == "ae":
     loss_fn = reconstruction_loss
-  mask_fn = imbsam_jax.labeled_anomaly_mask if method == "imbsam" else None
+  mask_fn = None
+  if method == "imbsam":
+    mask_fn = functools.partial(imbsam_jax.labeled_anomaly_mask)
+    mask_fn.tail_fraction = tail_fraction  # what tail_capacity="auto" reads
+  capacity = "auto" if path == "gathered" else None
   tx = training.make_optimizer(
-    method, base_optimizer(config), rho=rho, tail_mask_fn=mask_fn
+    method,
+    base_optimizer(config),
+    rho=rho,
+    tail_mask_fn=mask_fn,
+    tail_capacity=capacity,
   )
-  step = training.make_train_step(graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn)
+  step = training.make_train_step(
+    graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn, path=path
+  )
   return tx, jax.jit(step, donate_argnums=0)
 
 
@@ -307,15 +328,19 @@ def fit(
   loss: str = "deep_sad",
   method: str = "base",
   rho: float = 0.0,
+  tail_fraction: float = 0.0,
   log: runner.MetricsLog | None = None,
 ) -> tuple[nnx.Module, list[float]]:
   """Trains a copy of ``model`` (left untouched); returns it and each epoch's
-  mean loss. ``loss`` is ``deep_sad`` (with ``method``) or ``ae`` (reconstruction)."""
+  mean loss. ``loss`` is ``deep_sad`` (with ``method``; ImbSAM's tail, the
+  labeled anomalies, are a share ``tail_fraction`` of the training set) or
+  ``ae`` (reconstruction)."""
   model = nnx.clone(model)
   model.train()
   mesh = training.data_parallel_mesh()
+  path = training.tail_path(model, "auto", "exact")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx, step = _train_step(graphdef, config, loss, method, float(rho))
+  tx, step = _train_step(graphdef, config, loss, method, rho, path, tail_fraction)
   state = training.TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params))
   # Copies: the step donates its state, and the clone shares the arrays.
   state = training.replicate(jax.tree.map(jnp.array, state), mesh)
@@ -419,6 +444,7 @@ def train_and_evaluate(
     seed=cell.seed,
     method=cell.method,
     rho=s.get("rho", 0.0),
+    tail_fraction=s["labeled_anomaly_ratio"],
     log=log,
   )
   scores = anomaly_scores(trained, dataset.x_test, batch_size=config.eval_batch_size)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from flax import nnx
 
-from shared import data, models, runner
+from shared import data, models, runner, training
 from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, Preset, option
 
 LOSSES = ("ce", "logit-adjust", "balanced-softmax")
@@ -117,11 +118,19 @@ class Config:
     check=NON_NEGATIVE,
   )
   tail_capacity: int | str | None = option(
-    None,
-    "ImbSAM fast path: tail examples per pass, an int or auto (none: the exact"
-    " one-forward path); for models without BatchNorm",
+    "auto",
+    "ImbSAM's fast path: tail examples per pass, an int or auto (from the class"
+    " counts); none: the exact full-batch path. Auto takes the fast path where it"
+    " is exact (no BatchNorm) or with --tail-bn anchored",
     parse=tail_capacity,
     check=(lambda v: v == "auto" or v > 0, "must be a positive int or auto"),
+  )
+  tail_bn: str = option(
+    "exact",
+    "BatchNorm in ImbSAM's tail passes: exact (full-batch passes, as the"
+    " reference) or anchored (tail statistics anchored to the clean pass: the"
+    " fast path, an approximation)",
+    choices=("exact", "anchored"),
   )
   loss: str = option(
     "ce",
@@ -150,6 +159,7 @@ class Config:
 
   def validate(self) -> None:
     """Rules across options (raises ``ValueError("--flag: ...")``)."""
+    self.tail_path()
     if self.few_threshold > self.many_threshold:
       raise ValueError(
         f"--few-threshold: {self.few_threshold} exceeds --many-threshold"
@@ -163,6 +173,19 @@ class Config:
         f"--batch-size: {self.batch_size} is not divisible by the {num_devices}"
         " devices (use a multiple, or --devices)"
       )
+
+  def tail_path(self) -> str:
+    """ImbSAM's path for this model (:func:`shared.training.tail_path`)."""
+    shape = nnx.eval_shape(
+      lambda: models.create_model(
+        self.model,
+        num_classes=2,
+        input_shape=(8, 8, 3),
+        norm=self.norm,
+        rngs=nnx.Rngs(0),
+      )
+    )
+    return training.tail_path(shape, self.tail_capacity, self.tail_bn)
 
   @property
   def effective_tau(self) -> float:

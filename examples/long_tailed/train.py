@@ -124,11 +124,14 @@ class Experiment(NamedTuple):
 
   def tail_capacity(self, eta: float) -> int | None:
     """ImbSAM's ``tail_capacity`` at ``eta`` (``None``: the exact path)."""
-    if self.config.tail_capacity == "auto":
+    capacity = self.config.tail_capacity
+    if self.config.tail_path() == "exact":
+      return None
+    if capacity == "auto":  # what imbsam's "auto" picks from the mask function
       return imbsam_jax.suggest_tail_capacity(
         self.train_counts, eta, self.config.batch_size
       )
-    return self.config.tail_capacity
+    return capacity
 
   def describe(self) -> dict[str, Any]:
     """Facts derived from the options and the data, for ``results.json``."""
@@ -232,13 +235,14 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(schedule, momentum=config.momentum),
   )
-  tail_mask_fn = capacity = None
+  tail_mask_fn = None
   extra: dict[str, Any] = {}
   if cell.method == "imbsam":
     tail_mask_fn = imbsam_jax.tail_mask_from_counts(
       exp.train_counts, cell.setting["eta"]
     )
-    capacity = exp.tail_capacity(cell.setting["eta"])
+    exact = config.tail_path() == "exact"
+    capacity = None if exact else config.tail_capacity  # "auto": k from mask_fn
     extra = {"tail_loss_scale": config.tail_loss_scale, "tail_capacity": capacity}
   rho = cell.setting.get("rho", 0.0)
   tx = training.make_optimizer(
@@ -258,7 +262,8 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     per_example_loss_fn(exp),
     cell.method,
     tx,
-    tail_mask_fn=tail_mask_fn if capacity is None else None,  # one-forward exact path
+    tail_mask_fn=tail_mask_fn,
+    path=config.tail_path(),
     augment=preprocess,
   )
 
@@ -281,7 +286,19 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
 
 #: Options a checkpoint may be resumed across (the cell's own come with it).
 _NOT_FINGERPRINTED = set(
-  ["preset", "method", "seed", "rho", "eta", "out", "resume", "progress", "devices", "checkpoint_every", "eval_batch_size"]
+  [
+    "preset",
+    "method",
+    "seed",
+    "rho",
+    "eta",
+    "out",
+    "resume",
+    "progress",
+    "devices",
+    "checkpoint_every",
+    "eval_batch_size",
+  ]
 )
 
 
@@ -385,6 +402,7 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     if eta is None
     else np.flatnonzero(imbsam_jax.tail_classes(exp.train_counts, eta)).tolist(),
     "tail_capacity": exp.tail_capacity(eta) if cell.method == "imbsam" else None,
+    "tail_path": config.tail_path() if cell.method == "imbsam" else None,
     "history": history,
     "epochs_trained_now": config.epochs - start,
     "resumed_from_epoch": start,
@@ -480,9 +498,13 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
   )
   for eta in config.eta if "imbsam" in config.method else ():
     tail, capacity = imbsam_jax.tail_classes(counts, eta), exp.tail_capacity(eta)
-    path = "exact" if capacity is None else f"fast, tail_capacity={capacity}"
+    path = {
+      "exact": "exact path (full batch)",
+      "gathered": f"fast path, exact (tail_capacity={capacity})",
+      "anchored": f"fast path, anchored BatchNorm (tail_capacity={capacity})",
+    }[config.tail_path()]
     share = counts[tail].sum() / counts.sum()
-    log(f"ImbSAM tail at eta={eta:g}: {tail.sum()} classes, {share:.1%}; {path} path")
+    log(f"ImbSAM tail at eta={eta:g}: {tail.sum()} classes, {share:.1%}; {path}")
   log(
     f"{config.model} (norm: {config.norm or 'model default'}), {config.epochs} epochs x"
     f" {exp.steps_per_epoch} steps of {config.batch_size} on {exp.mesh.size}"
@@ -504,9 +526,8 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
   log(f"\n{format_table(results)}")
   if runner.is_main_process():
     paths = plot_results(results, Path(config.out))
-    log(
-      f"\nWrote {config.out}/: {report.RESULTS_FILE}, {', '.join(p.name for p in paths)}"
-    )
+    names = ", ".join(p.name for p in paths)
+    log(f"\nWrote {config.out}/: {report.RESULTS_FILE}, {names}")
   return json.loads(json.dumps(results))
 
 

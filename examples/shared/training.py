@@ -83,6 +83,31 @@ def init_train_state(
   )
 
 
+#: How ImbSAM's step gets its tail gradients (:func:`make_train_step`).
+TAIL_PATHS = ("exact", "gathered", "anchored")
+
+
+def tail_path(model: nnx.Module, tail_capacity: Any, tail_bn: str) -> str:
+  """The ImbSAM path for a model: ``gathered`` (the fast path) where it is exact,
+  i.e. without BatchNorm; with BatchNorm ``anchored`` if ``tail_bn`` asks for it
+  (an approximation), else ``exact``; ``exact`` for ``tail_capacity=None``.
+
+  Raises ``ValueError`` for an integer ``tail_capacity`` on BatchNorm without
+  anchored statistics: its tail passes would normalize with tail-only statistics.
+  """
+  batch_norm = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+  if tail_capacity is None:
+    return "exact"
+  if batch_norm and tail_bn != "anchored":
+    if tail_capacity != "auto":
+      raise ValueError(
+        "--tail-capacity: a BatchNorm network's tail passes on gathered examples"
+        " need --tail-bn anchored (or --tail-capacity none, the exact path)"
+      )
+    return "exact"
+  return "anchored" if batch_norm else "gathered"
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   per_example_loss: PerExampleLoss,
@@ -91,6 +116,7 @@ def make_train_step(
   *,
   labels_key: str = "label",
   tail_mask_fn: imbsam_jax.TailMaskFn | None = None,
+  path: str = "exact",
   augment: Callable[[jax.Array, Any], Any] | None = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
   """The pure step ``(state, batch, key) -> (state, metrics)``; wrap it in jit.
@@ -101,24 +127,36 @@ def make_train_step(
     method: ``base``, ``sam`` or ``imbsam``, matching ``tx``.
     tx: from :func:`make_optimizer`.
     labels_key: the batch entry ImbSAM's ``tail_mask_fn`` reads.
-    tail_mask_fn: for ``imbsam``: the clean pass also gives the tail gradient
-      (:func:`imbsam_jax.value_and_tail_grads`, 8 passes instead of 9). Leave
-      it out with ``tail_capacity`` (cheaper gathered tail passes).
+    tail_mask_fn: ImbSAM's tail weights (``imbsam`` only).
+    path: ``imbsam``'s tail gradients (:func:`tail_path`): ``exact``, the clean
+      pass gives the tail gradient at ``w`` too (8 passes); ``gathered``, ``tx``
+      runs its own tail passes (on the gathered tail with ``tail_capacity``);
+      ``anchored``, the same with their BatchNorm anchored to the clean pass
+      (``imbsam_jax.flax``).
     augment: ``(key, batch) -> batch``, run inside the step.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  if method not in METHODS or path not in TAIL_PATHS:
+    raise ValueError(f"unknown method {method!r} or path {path!r}.")
+  if method == "imbsam" and tail_mask_fn is None:
+    raise ValueError("method 'imbsam' needs tail_mask_fn.")
+  anchored = method == "imbsam" and path == "anchored"
+  tail_mask = (lambda b: tail_mask_fn(b[labels_key])) if anchored else None
 
   def step(state: TrainState, batch: Any, key: jax.Array):
     if augment is not None:
       batch = augment(key, batch)
-    # (params, batch) -> (losses, (metrics, model_state)), on a copy of the model.
+    # (params, batch) -> (losses, (metrics, model_state[, clean statistics])).
     forward = imbsam_jax.flax.nnx_loss_fn(
-      graphdef, per_example_loss, state.model_state, has_aux=True, with_state=True
+      graphdef,
+      per_example_loss,
+      state.model_state,
+      has_aux=True,
+      with_state=True,
+      tail_mask=tail_mask,
+      with_clean_stats=anchored,
     )
-    pure_loss = lambda p, b: forward(p, b)[0]
     extra: dict[str, Any] = {}
-    if method == "imbsam" and tail_mask_fn is not None:
+    if method == "imbsam" and path == "exact":
       weights = tail_mask_fn(batch[labels_key])
       (loss, (metrics, model_state)), grads, extra["tail_grads"] = (
         imbsam_jax.value_and_tail_grads(
@@ -131,9 +169,20 @@ def make_train_step(
         losses, aux = forward(p, batch)
         return jnp.mean(losses.astype(jnp.float32)), aux
 
-      (loss, (metrics, model_state)), grads = jax.value_and_grad(
+      (loss, (metrics, model_state, *stats)), grads = jax.value_and_grad(
         mean_loss, has_aux=True
       )(state.params)
+    pure_loss = lambda p, b: forward(p, b)[0]
+    if anchored:
+      tail_loss = imbsam_jax.flax.nnx_loss_fn(
+        graphdef,
+        per_example_loss,
+        state.model_state,
+        has_aux=True,
+        tail_mask=tail_mask,
+        clean_stats=stats[0],
+      )
+      pure_loss = lambda p, b: tail_loss(p, b)[0]
     if method == "sam":
       extra["grad_fn"] = jax.grad(lambda p, _: jnp.mean(pure_loss(p, batch)))
     elif method == "imbsam":

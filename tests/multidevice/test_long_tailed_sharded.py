@@ -34,7 +34,7 @@ def tiny_npz(path):
 
 @pytest.mark.parametrize(
   "extra",
-  [["--optimizer=sgd,sam,imbsam"], ["--optimizer=imbsam", "--tail-capacity=auto"]],
+  [["--optimizer=sgd,sam,imbsam"], ["--optimizer=imbsam", "--tail-capacity=none"]],
 )
 def test_eight_devices_match_one(tmp_path, extra):
   assert jax.device_count() == 8
