@@ -25,11 +25,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,7 +37,7 @@ import optax
 from flax import nnx
 
 import imbsam_jax
-from shared import models, options, training
+from shared import models, options, report, training
 from shared.options import FRACTION, POSITIVE, option
 
 NUM_CLASSES = 10
@@ -245,11 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     f" ({result['device']}), jax {jax.__version__}"
   )
   print(format_table(rows))
-  if args.out:
-    path = Path(args.out)
-    path = path if path.suffix == ".json" else path / "benchmark.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+  report.write_output(args.out, "benchmark.json", result)
   return result
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shared import options, pipeline
+from shared import options, pipeline, report
 from shared.options import NON_NEGATIVE, POSITIVE, option
 
 try:
@@ -342,11 +341,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       f" {row['peak_worker_rss_mb']:.0f} MB, all processes"
       f" {fmt(row['peak_total_rss_mb'], '.0f')} MB"
     )
-  if args.out:
-    path = Path(args.out)
-    path = path if path.suffix == ".json" else path / "benchmark_input.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+  report.write_output(args.out, "benchmark_input.json", result)
   return result
 
 

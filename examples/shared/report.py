@@ -41,6 +41,15 @@ def write_json(path: str | Path, content: Any) -> Path:
   return path
 
 
+def write_output(out: str | Path | None, name: str, content: Any) -> Path | None:
+  """Writes ``content`` to ``out`` if it names a ``.json`` file, else to
+  ``out/name`` (the benchmarks' ``--out``); nothing for ``out=None``."""
+  if out is None:
+    return None
+  path = Path(out)
+  return write_json(path if path.suffix == ".json" else path / name, content)
+
+
 def label(run: Mapping[str, Any], keys: Sequence[str]) -> str:
   """``"imbsam rho=0.05 eta=20"``: the optimizer and the run's values of keys."""
   values = [
