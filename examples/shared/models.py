@@ -5,7 +5,9 @@ literature), :class:`SmallCNN`, Deep SAD's bias-free :class:`DeepSADEncoder`,
 :class:`DeepSADDecoder` and :class:`DeepSADAutoencoder`, and :func:`create_model`.
 ``model.train()`` / ``model.eval()`` switch BatchNorm between batch and running
 statistics. ``norm="group"`` or ``"none"`` leaves no :class:`flax.nnx.BatchStat`, so
-an example's loss depends only on that example and the parameters.
+an example's loss depends only on that example and the parameters. The classifiers
+take a ``dtype`` for their activations (e.g. ``jnp.bfloat16``); parameters and
+BatchNorm statistics stay ``float32``.
 
 References: He et al., Deep Residual Learning, CVPR 2016; Xie et al., ResNeXt, CVPR
 2017; Cao et al., LDAM-DRW, NeurIPS 2019; De & Smith, SkipInit, NeurIPS 2020; Ruff et
@@ -24,6 +26,8 @@ from flax import nnx
 
 Norm = Literal["batch", "group", "none"]
 NORMS = ("batch", "group", "none")
+#: An activation dtype (``None``: that of the inputs and parameters, float32).
+Dtype = Any
 
 # PyTorch's defaults (the reference code is PyTorch): BatchNorm2d momentum 0.1 (0.9
 # in Flax) and epsilon 1e-5; Kaiming-normal weights (fan-in, gain sqrt(2)).
@@ -34,12 +38,19 @@ _kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _make_norm(
-  norm: str, channels: int, *, rngs: nnx.Rngs, affine=True, epsilon=_BN_EPSILON
+  norm: str,
+  channels: int,
+  *,
+  rngs: nnx.Rngs,
+  affine=True,
+  epsilon=_BN_EPSILON,
+  dtype: Dtype = None,
 ) -> nnx.Module | None:
   """A norm layer over channels (GroupNorm: up to 8 groups); ``None`` for "none"."""
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
   kwargs = dict(epsilon=epsilon, use_bias=affine, use_scale=affine, rngs=rngs)
+  kwargs.update(dtype=dtype)
   if norm == "batch":
     return nnx.BatchNorm(channels, momentum=_BN_MOMENTUM, **kwargs)
   if norm == "group":
@@ -52,7 +63,9 @@ def _apply(layer: nnx.Module | None, x: jax.Array) -> jax.Array:
   return x if layer is None else layer(x)
 
 
-def _conv(cin, cout, size, stride=1, groups=1, *, rngs, bias=False) -> nnx.Conv:
+def _conv(
+  cin, cout, size, stride=1, groups=1, *, rngs, bias=False, dtype: Dtype = None
+) -> nnx.Conv:
   """A Kaiming-normal ``size x size`` convolution with 'same' padding."""
   return nnx.Conv(
     cin,
@@ -63,6 +76,7 @@ def _conv(cin, cout, size, stride=1, groups=1, *, rngs, bias=False) -> nnx.Conv:
     feature_group_count=groups,
     use_bias=bias,
     kernel_init=_kaiming_normal,
+    dtype=dtype,
     rngs=rngs,
   )
 
@@ -96,8 +110,11 @@ class _Block(nnx.Module):
     shortcut: str,
     skip_init: bool,
     norm: str,
+    dtype: Dtype,
     rngs: nnx.Rngs,
   ):
+    conv = functools.partial(_conv, rngs=rngs, dtype=dtype)
+    make_norm = functools.partial(_make_norm, norm, rngs=rngs, dtype=dtype)
     if bottleneck:
       inner, cout = int(width * base_width / 64) * groups, 4 * width
       shapes = [(cin, inner, 1, 1, 1), (inner, inner, 3, stride, groups)]
@@ -105,12 +122,12 @@ class _Block(nnx.Module):
     else:
       cout = width
       shapes = [(cin, width, 3, stride, 1), (width, width, 3, 1, 1)]
-    self.convs = nnx.List([_conv(*sh, bias=skip_init, rngs=rngs) for sh in shapes])
-    self.norms = nnx.List([_make_norm(norm, s[1], rngs=rngs) for s in shapes])
+    self.convs = nnx.List([conv(*sh, bias=skip_init) for sh in shapes])
+    self.norms = nnx.List([make_norm(s[1]) for s in shapes])
     self.skip_gain = nnx.Param(jnp.zeros((), jnp.float32)) if skip_init else None
     project = shortcut == "project" and (stride != 1 or cin != cout)
-    self.shortcut = _conv(cin, cout, 1, stride, rngs=rngs) if project else None
-    self.shortcut_norm = _make_norm(norm, cout, rngs=rngs) if project else None
+    self.shortcut = conv(cin, cout, 1, stride) if project else None
+    self.shortcut_norm = make_norm(cout) if project else None
     self.stride, self.pad_channels = stride, cout - cin
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -120,7 +137,7 @@ class _Block(nnx.Module):
       if i < len(self.convs) - 1:
         y = jax.nn.relu(y)
     if self.skip_gain is not None:
-      y = self.skip_gain[...] * y
+      y = self.skip_gain[...].astype(y.dtype) * y
     if self.shortcut is not None:
       x = _apply(self.shortcut_norm, self.shortcut(x))
     elif self.stride != 1 or self.pad_channels:  # option A
@@ -150,6 +167,7 @@ class ResNet(nnx.Module):
     shortcut: ``"project"`` or ``"pad"``.
     in_channels: input channels.
     norm: ``"batch"``, ``"group"`` or ``"none"``.
+    dtype: the activations' dtype (``None``: float32); parameters stay float32.
     rngs: random number generators for initialisation.
 
   >>> make = lambda: ResNet(10, stage_sizes=(3, 4, 6, 3), stem="cifar",
@@ -171,6 +189,7 @@ class ResNet(nnx.Module):
     shortcut: str = "project",
     in_channels: int = 3,
     norm: Norm = "batch",
+    dtype: Dtype = None,
     rngs: nnx.Rngs,
   ):
     if stem not in ("imagenet", "cifar") or shortcut not in ("project", "pad"):
@@ -179,8 +198,8 @@ class ResNet(nnx.Module):
     self.imagenet_stem = stem == "imagenet"
     skip_init = shortcut == "pad" and norm == "none"
     k, s = (7, 2) if self.imagenet_stem else (3, 1)
-    self.stem_norm = _make_norm(norm, width, rngs=rngs)
-    self.stem = _conv(in_channels, width, k, s, bias=skip_init, rngs=rngs)
+    self.stem_norm = _make_norm(norm, width, rngs=rngs, dtype=dtype)
+    self.stem = _conv(in_channels, width, k, s, bias=skip_init, rngs=rngs, dtype=dtype)
     block = functools.partial(
       _Block,
       bottleneck=bottleneck,
@@ -189,6 +208,7 @@ class ResNet(nnx.Module):
       shortcut=shortcut,
       skip_init=skip_init,
       norm=norm,
+      dtype=dtype,
       rngs=rngs,
     )
     blocks, channels = [], width
@@ -198,7 +218,9 @@ class ResNet(nnx.Module):
         channels = width * 2**stage * (4 if bottleneck else 1)
     self.blocks = nnx.List(blocks)
     init = _kaiming_normal if shortcut == "pad" else nnx.initializers.lecun_normal()
-    self.head = nnx.Linear(channels, num_classes, kernel_init=init, rngs=rngs)
+    self.head = nnx.Linear(
+      channels, num_classes, kernel_init=init, dtype=dtype, rngs=rngs
+    )
 
   def features(self, x: jax.Array) -> jax.Array:
     """Globally average-pooled features before the classifier."""
@@ -235,6 +257,7 @@ class CifarResNet(ResNet):
     in_channels: int = 3,
     norm: Norm = "batch",
     width: int = 16,
+    dtype: Dtype = None,
     rngs: nnx.Rngs,
   ):
     if depth < 8 or (depth - 2) % 6:
@@ -248,6 +271,7 @@ class CifarResNet(ResNet):
       shortcut="pad",
       in_channels=in_channels,
       norm=norm,
+      dtype=dtype,
       rngs=rngs,
     )
 
@@ -270,18 +294,21 @@ class SmallCNN(nnx.Module):
     in_channels: int = 1,
     norm: Norm = "none",
     features: Sequence[int] = (32, 64, 64),
+    dtype: Dtype = None,
     rngs: nnx.Rngs,
   ):
     self.norm = norm
-    self.norms = nnx.List([_make_norm(norm, c, rngs=rngs) for c in features])
+    self.norms = nnx.List(
+      [_make_norm(norm, c, rngs=rngs, dtype=dtype) for c in features]
+    )
     pairs = zip((in_channels, *features), features, strict=False)
     self.convs = nnx.List(
       [
-        _conv(a, b, 3, 2 if i else 1, bias=norm == "none", rngs=rngs)
+        _conv(a, b, 3, 2 if i else 1, bias=norm == "none", rngs=rngs, dtype=dtype)
         for i, (a, b) in enumerate(pairs)
       ]
     )
-    self.head = nnx.Linear(features[-1], num_classes, rngs=rngs)
+    self.head = nnx.Linear(features[-1], num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits ``(B, num_classes)`` for images ``x`` of shape ``(B, H, W, C)``."""
@@ -439,16 +466,18 @@ def create_model(
   input_shape: Sequence[int],
   rngs: nnx.Rngs,
   norm: Norm | None = None,
+  dtype: Dtype = None,
 ) -> nnx.Module:
   """Builds a model by name (case-insensitive), one of :data:`MODEL_NAMES`.
 
   ``"deep_sad"`` is a :class:`DeepSADEncoder` with ``rep_dim = num_classes``. The
   input channels are ``input_shape[-1]``; ``norm=None`` keeps the model's default.
+  ``dtype``: the classifiers' activations (float32 parameters); not for deep_sad.
 
   >>> model = create_model("small_cnn", num_classes=10, input_shape=(8, 8, 1),
-  ...                      rngs=nnx.Rngs(0))
-  >>> type(model).__name__
-  'SmallCNN'
+  ...                      rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  >>> type(model).__name__, model(jnp.zeros((1, 8, 8, 1))).dtype
+  ('SmallCNN', dtype(bfloat16))
   """
   key = name.lower()
   if key not in MODEL_NAMES:
@@ -457,5 +486,9 @@ def create_model(
     raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
   kwargs = {"rngs": rngs} if norm is None else {"rngs": rngs, "norm": norm}
   if key == "deep_sad":
+    if dtype is not None:
+      raise ValueError("deep_sad computes in float32; dtype is for the classifiers")
     return DeepSADEncoder(num_classes, input_shape=input_shape, **kwargs)
-  return _CLASSIFIERS[key](num_classes, in_channels=int(input_shape[-1]), **kwargs)
+  return _CLASSIFIERS[key](
+    num_classes, in_channels=int(input_shape[-1]), dtype=dtype, **kwargs
+  )
