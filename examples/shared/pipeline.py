@@ -79,6 +79,25 @@ def valid_specs() -> tuple[str, ...]:
   return (*lists, "list:ROOT,TRAIN_TXT,TEST_TXT", *TFDS_SPLITS, "imagenet2012-lt:DIR")
 
 
+def is_spec(spec: str) -> bool:
+  """Whether ``spec`` has the form of one of :func:`valid_specs` (reads nothing).
+
+  >>> is_spec("imagenet-lt:/data/ImageNet_LT"), is_spec("cifar10")
+  (True, False)
+  """
+  return _kind(spec) is not None
+
+
+def _kind(spec: str) -> str | None:
+  """The spec's kind (its prefix, or the TFDS name); ``None`` for another form."""
+  kind, _, rest = spec.partition(":")
+  if kind in (*SPLIT_LISTS, "imagenet2012-lt") and rest:
+    return kind
+  if kind == "list" and len(rest.split(",")) == 3:
+    return kind
+  return spec if spec in TFDS_SPLITS else None
+
+
 def open_source(
   spec: str, *, split: str, data_dir: str | os.PathLike[str] | None = None
 ) -> Source:
@@ -90,23 +109,22 @@ def open_source(
   Traceback (most recent call last):
   ValueError: unknown streaming dataset 'cifar10'; valid: imagenet-lt:ROOT, ...
   """
-  kind, _, rest = spec.partition(":")
-  if kind in SPLIT_LISTS and rest:
+  kind, rest = _kind(spec), spec.partition(":")[2]
+  if kind in SPLIT_LISTS:
     prefix, num_classes = SPLIT_LISTS[kind]
     _check_split(spec, split, ("train", "val", "test"))
     root = Path(rest)
     return ListSource(root, root / f"{prefix}_{split}.txt", num_classes=num_classes)
-  if kind == "list" and len(parts := rest.split(",")) == 3:
+  if kind == "list":
     _check_split(spec, split, ("train", "test"))
-    root, train, test = Path(parts[0]), *parts[1:]
-    num_classes = ListSource(root, root / train).num_classes
-    return ListSource(
-      root, root / (train if split == "train" else test), num_classes=num_classes
-    )
-  if kind == "imagenet2012-lt" and rest:
+    root, train, test = rest.split(",")
+    num_classes = ListSource(root, Path(root, train)).num_classes
+    chosen = train if split == "train" else test
+    return ListSource(root, Path(root, chosen), num_classes=num_classes)
+  if kind == "imagenet2012-lt":
     _check_split(spec, split, ("train", "val", "test"))
     return TfdsListSource(Path(rest) / f"ImageNet_LT_{split}.txt", data_dir=data_dir)
-  if spec in TFDS_SPLITS:
+  if kind in TFDS_SPLITS:
     _check_split(spec, split, tuple(TFDS_SPLITS[spec]))
     return TfdsSource(spec, TFDS_SPLITS[spec][split], data_dir=data_dir)
   raise ValueError(
