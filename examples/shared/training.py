@@ -199,6 +199,34 @@ def make_train_step(
   return step
 
 
+def train_steps(
+  step: Callable,
+  state: TrainState,
+  batches: Iterable[dict[str, np.ndarray]],
+  mesh: Mesh,
+  key: jax.Array,
+  *,
+  first_step: int = 0,
+  sums: dict[str, jax.Array] | None = None,
+  bar: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array], int]:
+  """Runs ``step`` over this process's rows of each global batch.
+
+  Step ``i`` gets the key ``fold_in(key, first_step + i)``. Returns the state, each
+  metric summed over the steps (on device, added to ``sums``) and the step count.
+  """
+  sums, count = dict(sums or {}), 0
+  for i, batch in enumerate(batches):
+    state, metrics = step(
+      state, shard_batch(batch, mesh), jax.random.fold_in(key, first_step + i)
+    )
+    sums = {k: sums[k] + v if k in sums else v for k, v in metrics.items()}
+    count += 1
+    if bar is not None:
+      bar.update(1)
+  return state, sums, count
+
+
 def train_epoch(
   step: Callable,
   state: TrainState,
@@ -209,22 +237,26 @@ def train_epoch(
   first_step: int = 0,
   bar: Any = None,
 ) -> tuple[TrainState, dict[str, float]]:
-  """Runs ``step`` over this process's rows of each global batch.
-
-  Step ``i`` gets the key ``fold_in(key, first_step + i)``; returns the state and
-  the mean of each metric over the steps.
-  """
-  sums: dict[str, jax.Array] = {}
-  count = 0
-  for i, batch in enumerate(batches):
-    state, metrics = step(
-      state, shard_batch(batch, mesh), jax.random.fold_in(key, first_step + i)
-    )
-    sums = {k: sums[k] + v if k in sums else v for k, v in metrics.items()}
-    count += 1
-    if bar is not None:
-      bar.update(1)
+  """:func:`train_steps` over an epoch; returns the state and each metric's mean."""
+  state, sums, count = train_steps(
+    step, state, batches, mesh, key, first_step=first_step, bar=bar
+  )
   return state, {k: float(v) / count for k, v in sums.items()}
+
+
+def sum_over_batches(
+  fn: Callable[[Any], jax.Array], batches: Iterable[Any], mesh: Mesh
+) -> np.ndarray:
+  """``fn(global batch)`` summed over the batches, as NumPy on every process.
+
+  ``fn`` (jitted, replicated output) gets the global arrays of this process's rows;
+  e.g. per-class counts of correct predictions, summed over the processes' shards.
+  """
+  total = None
+  for batch in batches:
+    out = fn(shard_batch(batch, mesh))
+    total = out if total is None else total + out
+  return np.asarray(total)
 
 
 def evaluate(
