@@ -10,45 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fake_lt import TEST_PER_CLASS, TRAIN_COUNTS, write_jpeg, write_lt_dataset
 from PIL import Image
 
 from shared import metrics, pipeline
 
-#: Train images per class of the fixture: long-tailed, as ImageNet-LT (Pareto).
-TRAIN_COUNTS = (20, 12, 7, 4, 2)
-TEST_PER_CLASS = 2
 FIXTURE_TFDS_DIR = Path(__file__).parent / "data_tfds"
 SIZE = 32  # image_size of the loaders in these tests
 RATIO = pipeline.RATIO
 
 
-def _jpeg(path: Path, rng: np.random.Generator, shape=(40, 48)) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-  Image.fromarray(pixels).save(path, quality=90)
-
-
-def _write_lt_dataset(root: Path, seed: int = 0) -> None:
-  """Small JPEGs and ImageNet-LT-style lists (``train/nXXX/nXXX_i.JPEG label``)."""
-  rng = np.random.default_rng(seed)
-  lines: dict[str, list[str]] = {"train": [], "test": []}
-  for label, count in enumerate(TRAIN_COUNTS):
-    wnid = f"n{label:08d}"
-    for split, n in (("train", count), ("test", TEST_PER_CLASS)):
-      for i in range(n):
-        name = f"{wnid}_{i}.JPEG" if split == "train" else f"val_{label}_{i}.JPEG"
-        _jpeg(root / split / wnid / name, rng)
-        lines[split].append(f"{split}/{wnid}/{name} {label}")
-  lines["val"] = lines["test"]
-  for split, split_lines in lines.items():
-    (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(split_lines) + "\n")
-
-
 @pytest.fixture(scope="module")
 def lt_root(tmp_path_factory) -> Path:
-  root = tmp_path_factory.mktemp("imagenet_lt")
-  _write_lt_dataset(root)
-  return root
+  return write_lt_dataset(tmp_path_factory.mktemp("imagenet_lt"))
 
 
 class MemorySource:
@@ -116,6 +90,7 @@ def test_imagenet_lt_source_reads_list_then_images(lt_root):
 
 def test_generic_list_spec(lt_root):
   spec = f"list:{lt_root},ImageNet_LT_train.txt,ImageNet_LT_test.txt"
+  assert pipeline.is_spec(spec) and not pipeline.is_spec(f"list:{lt_root},a.txt")
   train, test = (pipeline.open_source(spec, split=s) for s in ("train", "test"))
   # Classes: those of the train list, for both splits.
   assert train.num_classes == test.num_classes == len(TRAIN_COUNTS)
@@ -127,7 +102,7 @@ def test_generic_list_spec(lt_root):
 def test_list_reads_no_image_until_asked(tmp_path):
   """Construction reads the list only; a missing image fails when read, by line."""
   (tmp_path / "a.txt").write_text("x/1.jpg 0\n\nx/missing.jpg 1\n")
-  _jpeg(tmp_path / "x/1.jpg", np.random.default_rng(0))
+  write_jpeg(tmp_path / "x/1.jpg", np.random.default_rng(0))
   source = pipeline.ListSource(tmp_path, tmp_path / "a.txt")
   assert len(source) == 2 and source.num_classes == 2
   assert source[0]["label"] == 0
