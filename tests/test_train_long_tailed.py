@@ -1,10 +1,13 @@
 """Tests of the long-tailed application (examples/long_tailed/, its script).
 
-Every dataset path (digits, mock TFDS, folder:, npz:) runs end to end on tiny data
-for one or two epochs with the small CNN; the runs also check the results.json
-schema, determinism, resume, the compile count, a rho x eta sweep and its
-figure; every preset builds its config and runs one step on tiny inputs; bad
-options fail before anything is loaded, with one line naming the flag.
+Every dataset path (digits, mock TFDS, folder:, npz:, a streamed list of JPEGs)
+runs end to end on tiny data for one or two epochs with the small CNN; the runs
+also check the results.json schema, determinism, resume from an epoch's end and
+from a step mid-epoch (exact), the compile count, a rho x eta sweep and its
+figure; every preset builds its config and runs one step on tiny inputs (the
+ResNet-50 / ResNeXt-50 ones under ``-m slow``; their values and model dtypes in
+the default run); bfloat16 activations keep float32 state; bad options fail
+before anything is loaded, with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from data_fake_lt import TRAIN_COUNTS as LIST_COUNTS
+from data_fake_lt import write_lt_dataset
+from flax import nnx
 from PIL import Image
 
 from long_tailed import train as long_tailed
 from long_tailed.config import PRESETS, Config
-from shared import data, metrics, options, report, runner
+from shared import data, metrics, models, options, report, runner
 
 TRAIN_COUNTS = [20, 10, 6, 4]  # 40 training images, 4 classes
 TEST_PER_CLASS = 5
@@ -226,6 +232,23 @@ def test_options_defaults_presets_and_aliases():
     (["--batch-size", "7", "--devices", "2"], "--devices: there are only 1"),
     (["--norm", "batch", "--tail-capacity", "8"], "--tail-capacity: a BatchNorm"),
     (["--tail-bn", "fixed"], "--tail-bn: 'fixed' is not one of exact, anchored"),
+    (["--dtype", "float16"], "--dtype: 'float16' is not one of float32, bfloat16"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints: must be > 0"),
+    (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps: must be >= 0"),
+    (
+      ["--dataset", "imagenet-lt:/x", "--imbalance-ratio", "10"],
+      "--imbalance-ratio: streamed data are used as their lists are",
+    ),
+    (["--dataset", "places-lt:/x", "--augment", "none"], "--augment: streamed data"),
+    (["--dataset", "list:a,b"], "streamed: imagenet-lt:ROOT, places-lt:ROOT, list:"),
+    (["--coordinator", "host"], "--coordinator: expected HOST:PORT or auto"),
+    (["--coordinator", "h:1"], "--coordinator: HOST:PORT needs --num-processes"),
+    (["--process-id", "0"], "--num-processes/--process-id: only with --coordinator"),
+    (
+      ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+      "--process-id: 2 is not below --num-processes 2",
+    ),
+    (["--coordinator", "auto", "--devices", "1"], "--devices: only in one process"),
   ],
 )
 def test_bad_options_one_line_exit_2(argv, message, capsys):
@@ -244,8 +267,11 @@ def test_bad_option_from_the_command_line(tmp_path):
   script = "examples/train_long_tailed.py"
   completed = subprocess.run(
     [sys.executable, script, "--eta", "-5", "--out", str(tmp_path)],
-    capture_output=True, text=True, timeout=120, check=False,
-  )  # fmt: skip
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert completed.returncode == 2
   assert (
     completed.stderr == "train_long_tailed.py: error: --eta: must be > 0, got -5.0\n"
@@ -258,6 +284,8 @@ def test_data_dependent_errors(npz_file, tmp_path):
     long_tailed.main(npz_args(npz_file, tmp_path, "--batch-size", "64"))
   with pytest.raises(ValueError, match="--eta: no class has fewer than 2 training"):
     long_tailed.main(npz_args(npz_file, tmp_path, "--eta", "2"))
+  with pytest.raises(FileNotFoundError, match=r"ImageNet_LT_train\.txt does not exist"):
+    long_tailed.main(["--dataset", f"imagenet-lt:{tmp_path}", "--out", str(tmp_path)])
 
 
 def test_offline_tfds_fails_fast_with_instructions(tmp_path, monkeypatch):
@@ -364,25 +392,25 @@ def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeyp
   class Interrupt(Exception):
     pass
 
-  train_epoch = long_tailed.training.train_epoch
+  train_steps = long_tailed.training.train_steps
 
   def stop_in_second_epoch(*args, first_step, **kwargs):
     if first_step > 0:
       raise Interrupt
-    return train_epoch(*args, first_step=first_step, **kwargs)
+    return train_steps(*args, first_step=first_step, **kwargs)
 
   with monkeypatch.context() as patch:
-    patch.setattr(long_tailed.training, "train_epoch", stop_in_second_epoch)
+    patch.setattr(long_tailed.training, "train_steps", stop_in_second_epoch)
     with pytest.raises(Interrupt):
       long_tailed.main(args)
   ckpt = tmp_path / "checkpoints" / "imbsam_rho0.05_eta20_seed0"
-  assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["1"]
+  assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["5"]  # steps
 
   resumed = long_tailed.main([*args, "--resume"])
   run = resumed["runs"][0]
   assert run["resumed_from_epoch"] == 1 and run["epochs_trained_now"] == 1
   want, got = comparable(full)[2], comparable(resumed)[0]
-  for key in ("resumed_from_epoch", "epochs_trained_now"):
+  for key in ("resumed_from_epoch", "resumed_from_step", "epochs_trained_now"):
     want.pop(key), got.pop(key)
   assert got == want  # accuracies, per-class, history: bit for bit
   # A finished run resumes to an evaluation only, with the same numbers.
@@ -498,6 +526,131 @@ def test_mock_tfds_cifar10_lt(tmp_path, monkeypatch):
   assert run["compiles"] == {"train_step": 1, "predict": 1}
 
 
+# ------------------------------------------------------------ streamed data
+
+
+@pytest.fixture(scope="module")
+def list_spec(tmp_path_factory) -> str:
+  """45 training JPEGs in 5 classes (20 to 2 each), 10 test ones: a split list."""
+  root = write_lt_dataset(tmp_path_factory.mktemp("list"))
+  return f"list:{root},ImageNet_LT_train.txt,ImageNet_LT_test.txt"
+
+
+# 2 epochs of 5 steps; checkpoints after steps 3, 5, 6, 9 and 10, the last 2 kept.
+STREAMED = ["--image-size", "16", "--epochs", "2", "--optimizer", "imbsam"]
+STREAMED += ["--checkpoint-every-steps", "3", "--keep-checkpoints", "2"]
+
+
+def streamed_args(spec, out, *extra):
+  return [f"--dataset={spec}", "--out", str(out), *SMALL, *STREAMED, *extra]
+
+
+@pytest.fixture(scope="module")
+def streamed(list_spec, tmp_path_factory):
+  out = tmp_path_factory.mktemp("streamed")
+  return out, long_tailed.main(streamed_args(list_spec, out))
+
+
+def test_streamed_list_dataset(streamed):
+  """Decoded and augmented by grain, normalized and evaluated on device."""
+  out, results = streamed
+  (run,) = results["runs"]
+  config = run["config"]
+  assert (config["num_train"], config["num_test"], config["steps_per_epoch"]) == (
+    45,
+    10,
+    5,
+  )
+  assert config["image_shape"] == [16, 16, 3] and config["num_classes"] == 5
+  assert config["augment_used"] == "random-resized-crop-flip"
+  assert config["imbalance_ratio_used"] == 10.0 and config["process_count"] == 1
+  assert run["train_counts"] == list(LIST_COUNTS) and run["test_counts"] == [2] * 5
+  assert run["tail_classes"] == [1, 2, 3, 4] and run["tail_path"] == "gathered"
+  assert run["compiles"] == {"train_step": 1, "predict": 1}
+  assert len(run["history"]["train_loss"]) == 2 and 0 <= run["overall"] <= 1
+  ckpt = out / "checkpoints" / "imbsam_rho0.05_eta20_seed0"
+  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [9, 10]
+
+
+def test_step_checkpoint_resume_mid_epoch_is_exact(
+  streamed, list_spec, tmp_path, monkeypatch
+):
+  """Killed in epoch 2 after the checkpoint of step 6, resumed: the same params,
+  history, metrics log and per-class accuracy as the uninterrupted run."""
+  full_out, full = streamed
+  args = streamed_args(list_spec, tmp_path)
+
+  class Interrupt(Exception):
+    pass
+
+  train_steps = long_tailed.training.train_steps
+
+  def stop_after_step_6(*args, first_step, **kwargs):
+    if first_step >= 6:
+      raise Interrupt
+    return train_steps(*args, first_step=first_step, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(long_tailed.training, "train_steps", stop_after_step_6)
+    with pytest.raises(Interrupt):
+      long_tailed.main(args)
+  name = "imbsam_rho0.05_eta20_seed0"
+  ckpt = tmp_path / "checkpoints" / name
+  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [5, 6]
+
+  resumed = long_tailed.main([*args, "--resume"])
+  run = resumed["runs"][0]
+  assert (run["resumed_from_step"], run["resumed_from_epoch"]) == (6, 1)
+  assert run["epochs_trained_now"] == 1  # the second, from its second step
+  want, got = comparable(full)[0], comparable(resumed)[0]
+  for key in ("resumed_from_epoch", "resumed_from_step", "epochs_trained_now"):
+    want.pop(key), got.pop(key)
+  assert got == want  # per-class accuracy, history: bit for bit
+  log = f"metrics/{name}.csv"
+  assert (tmp_path / log).read_text() == (full_out / log).read_text()
+  states = [long_tailed.restore(full["runs"][0], full_out).state]
+  states.append(long_tailed.restore(run, tmp_path).state)
+  assert int(states[1].step) == 10
+  jax.tree.map(np.testing.assert_array_equal, *states)
+
+
+def test_resumed_metrics_log_drops_later_rows(tmp_path):
+  """Rows written after the checkpoint a run resumes from are written again."""
+  path = tmp_path / "run.csv"
+  log = runner.MetricsLog(path)
+  for epoch in (1, 2, 3):
+    log.write({"epoch": epoch, "step": 5 * epoch, "loss": 1.0 / epoch})
+  long_tailed.metrics_log(path, 12).write({"epoch": 3, "step": 15, "loss": 0.25})
+  rows = path.read_text().splitlines()
+  assert rows == ["epoch,step,loss", "1,5,1", "2,10,0.5", "3,15,0.25"]
+
+
+def test_bfloat16_activations_keep_float32_state(npz_file):
+  """--dtype bfloat16: the model computes in bfloat16; parameters, BatchNorm
+  statistics, optimizer state, loss and metrics stay float32."""
+  config = options.parse(
+    Config,
+    [f"--dataset=npz:{npz_file}", *SMALL, "--norm=batch", "--dtype=bfloat16"],
+  )
+  exp = long_tailed.prepare(config)
+  steps = long_tailed.build_run(exp, runner.Cell("imbsam", 0, {"rho": 0.05, "eta": 20}))
+  ds = exp.dataset
+  batch = {"image": ds.x_train[:8], "label": ds.y_train[-8:]}
+  state, step_metrics = steps.train_step(steps.state, batch, jax.random.key(0))
+  floats = [
+    x.dtype
+    for x in jax.tree.leaves((state.params, state.model_state, state.opt_state))
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+  assert set(floats) == {jnp.dtype("float32")}
+  assert {v.dtype for v in step_metrics.values()} == {jnp.dtype("float32")}
+  assert np.isfinite(float(step_metrics["loss"]))
+  model = nnx.merge(steps.eval_graphdef, state.params, state.model_state)
+  assert model(data.to_float(ds.x_test[:2])).dtype == jnp.bfloat16
+  counts = steps.predict(state, {**batch, "valid": np.ones(8, bool)})
+  assert counts.dtype == jnp.int32 and counts[1].sum() == 8
+
+
 # ------------------------------------------------------------- sweeps, presets
 
 
@@ -550,14 +703,29 @@ def tiny_dataset(num_classes: int, size: int = 32) -> data.Dataset:
   rng = np.random.default_rng(0)
   y = np.concatenate([[0, 0], np.repeat(np.arange(num_classes), 2)]).astype(np.int32)
   x = rng.integers(0, 255, size=(len(y), size, size, 3), dtype=np.uint8)
-  return data.Dataset(x, y, x[:num_classes], y[:num_classes], num_classes,
-                      tuple(map(str, range(num_classes))), "tiny")  # fmt: skip
+  return data.Dataset(
+    x,
+    y,
+    x[:num_classes],
+    y[:num_classes],
+    num_classes,
+    tuple(map(str, range(num_classes))),
+    "tiny",
+  )
 
 
 # Each -ir50 / -ir10 preset differs from its imbalance-100 one only in the ratio
 # (checked below), which the step program does not depend on: their steps are
-# slow-marked (about 10 s of tracing and compiling each on 2 CPU cores).
+# slow-marked (about 10 s of tracing and compiling each on 2 CPU cores), as are the
+# ResNet-50 / ResNeXt-50 presets' (about 40 s each; their values are checked below).
 IR_VARIANTS = [n for n in PRESETS if n.endswith(("-ir50", "-ir10"))]
+LARGE_SCALE = ["imagenet-lt", "inat2018", "places-lt"]
+#: What each large-scale preset's description must name: its data's source.
+SOURCES = {
+  "imagenet-lt": "Liu et al. 2019",
+  "inat2018": "iNaturalist 2018",
+  "places-lt": "Liu et al. 2019",
+}
 
 
 def test_imbalance_variants_differ_only_in_the_ratio():
@@ -572,14 +740,18 @@ def test_imbalance_variants_differ_only_in_the_ratio():
 
 @pytest.mark.parametrize(
   "name",
-  [pytest.param(n, marks=pytest.mark.slow) if n in IR_VARIANTS else n for n in PRESETS],
+  [
+    pytest.param(n, marks=pytest.mark.slow) if n in IR_VARIANTS + LARGE_SCALE else n
+    for n in PRESETS
+  ],
 )
 def test_preset_builds_and_runs_one_step(name, tmp_path):
   """Each preset's config, model and optimizer, one ImbSAM step on tiny inputs."""
   config = long_tailed.options.parse(
-    Config, ["--preset", name, "--batch-size", "4", "--out", str(tmp_path)],
+    Config,
+    ["--preset", name, "--batch-size", "4", "--out", str(tmp_path)],
     presets=PRESETS,
-  )  # fmt: skip
+  )
   assert config.preset == name
   for key, value in PRESETS[name].values.items():
     if key != "batch_size":
@@ -594,3 +766,49 @@ def test_preset_builds_and_runs_one_step(name, tmp_path):
   state, step_metrics = steps.train_step(steps.state, batch, jax.random.key(0))
   assert int(state.step) == 1 and np.isfinite(float(step_metrics["loss"]))
   assert float(step_metrics["tail_fraction"]) == 1.0  # every class has 2 < 3 images
+
+
+@pytest.mark.parametrize(
+  "name, spec, model, batch_size, lr, weight_decay",
+  [
+    ("imagenet-lt", "imagenet-lt:/d/ImageNet_LT", "resnext50_32x4d", 256, 0.1, 5e-4),
+    ("imagenet-lt", "imagenet2012-lt:/d/lists", "resnext50_32x4d", 256, 0.1, 5e-4),
+    ("inat2018", "i_naturalist2018", "resnet50", 512, 0.2, 1e-4),
+    ("places-lt", "places-lt:/d/Places_LT", "resnet50", 256, 0.1, 5e-4),
+  ],
+)
+def test_large_scale_presets(name, spec, model, batch_size, lr, weight_decay):
+  """The streamed benchmark implied by its dataset spec: the published recipe,
+  bfloat16 activations over float32 parameters."""
+  config = options.parse(
+    Config,
+    ["--dataset", spec],
+    presets=PRESETS,
+    implied_preset=long_tailed.implied_preset,
+  )
+  assert (config.preset, config.dataset, config.streamed) == (name, spec, True)
+  assert (config.model, config.batch_size, config.lr) == (model, batch_size, lr)
+  assert (config.weight_decay, config.epochs, config.schedule) == (
+    weight_decay,
+    90,
+    "cosine",
+  )
+  assert (config.momentum, config.eta, config.dtype) == (0.9, (20.0,), "bfloat16")
+  assert (config.many_threshold, config.few_threshold, config.image_size) == (
+    100,
+    20,
+    224,
+  )
+  assert config.tail_path() == "exact"  # BatchNorm: the reference step by default
+  assert SOURCES[name] in PRESETS[name].description
+  make = lambda: models.create_model(
+    config.model,
+    num_classes=1000,
+    input_shape=(64, 64, 3),
+    rngs=nnx.Rngs(0),
+    dtype=config.activation_dtype,
+  )
+  state = nnx.state(nnx.eval_shape(make), nnx.Param, nnx.BatchStat)
+  assert {p.dtype for p in jax.tree.leaves(state)} == {jnp.dtype("float32")}
+  logits = jax.eval_shape(lambda: make()(jnp.zeros((1, 64, 64, 3))))
+  assert logits.dtype == jnp.bfloat16

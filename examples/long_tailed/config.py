@@ -18,22 +18,44 @@ were made with:
   weight decay 1e-3, cosine, 200 epochs, eta 20, rho 0.05, and the tail loss at
   ``w + e`` weighted 2 (a change made after publication). Their test accuracy
   averages each image with its horizontal flip; ours is single-view.
+
+The large-scale presets stream their images (:mod:`shared.pipeline`; RandomResizedCrop
+224 and flip, single-crop test), train from scratch with bfloat16 activations and
+evaluate on the split lists' test set with Many > 100, Few < 20 training images:
+
+* ``imagenet-lt``: ImageNet-LT, the split of Liu et al., "Large-Scale Long-Tailed
+  Recognition in an Open World" (OLTR), CVPR 2019 (1000 classes, 1280 to 5 images
+  each, 50 test images per class). Recipe of the decoupling paper (Kang et al.,
+  "Decoupling Representation and Classifier for Long-Tailed Recognition", ICLR 2020)
+  that later long-tailed work reuses: ResNeXt-50 32x4d, 90 epochs, SGD momentum 0.9,
+  cosine schedule, weight decay 5e-4, here at batch 256 with lr 0.1; ImbSAM's eta 20
+  (its tail is the Few split).
+* ``inat2018``: iNaturalist 2018 (Van Horn et al., CVPR 2018; TFDS
+  ``i_naturalist2018``, 8142 classes, tested on its validation set as is usual), with
+  that literature's ResNet-50 recipe: batch 512, lr 0.2, weight decay 1e-4, 90 epochs.
+* ``places-lt``: Places-LT (Liu et al. 2019's split of Places-365). The published
+  recipe fine-tunes an ImageNet-pretrained ResNet-152, which this project does not
+  ship; this preset trains a ResNet-50 *from scratch* with the ImageNet-LT recipe,
+  so its numbers are not comparable with those tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from shared import data, models, runner, training
+from shared import data, models, pipeline, runner, training
 from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, Preset, option
 
 LOSSES = ("ce", "logit-adjust", "balanced-softmax")
 SCHEDULES = ("cosine", "step")
 AUGMENTATIONS = ("auto", "crop-flip", "none")
 CLASSIFIERS = tuple(n for n in models.MODEL_NAMES if n != "deep_sad")
+DTYPES = ("float32", "bfloat16")
 
 
 def tail_capacity(text: str) -> int | str:
@@ -47,8 +69,25 @@ def tail_capacity(text: str) -> int | str:
 
 
 def dataset_spec(text: str) -> str:
-  """``--dataset``: a spec :func:`shared.data.load_dataset` knows."""
-  data.check_spec(text)
+  """``--dataset``: a spec of :mod:`shared.data` (in memory) or :mod:`shared.pipeline`
+  (streamed)."""
+  if pipeline.is_spec(text):
+    return text
+  try:
+    data.check_spec(text)
+  except ValueError as e:
+    if not str(e).startswith("unknown dataset"):
+      raise
+    streamed = ", ".join(pipeline.valid_specs())
+    raise ValueError(f"{e}; streamed: {streamed}") from None
+  return text
+
+
+def coordinator_address(text: str) -> str:
+  """``--coordinator``: ``auto`` or ``HOST:PORT``."""
+  host, _, port = text.rpartition(":")
+  if text != "auto" and not (host and port.isdigit()):
+    raise ValueError(f"expected HOST:PORT or auto, got {text!r}")
   return text
 
 
@@ -61,15 +100,18 @@ class Config:
   )
   dataset: str = option(
     "digits-lt",
-    "data: digits-lt (embedded, offline), cifar10-lt, cifar100-lt (TFDS),"
-    " cifar10, cifar100, mnist, fashion_mnist, digits, folder:PATH, npz:FILE",
+    "data in memory: digits-lt (embedded, offline), cifar10-lt, cifar100-lt (TFDS),"
+    " cifar10, cifar100, mnist, fashion_mnist, digits, folder:PATH, npz:FILE;"
+    " streamed: imagenet-lt:ROOT, places-lt:ROOT (split lists and images in ROOT),"
+    " list:ROOT,TRAIN_TXT,TEST_TXT, i_naturalist2018 (TFDS), imagenet2012-lt:DIR"
+    " (ImageNet-LT lists in DIR over TFDS imagenet2012)",
     parse=dataset_spec,
   )
   data_dir: str | None = option(None, "TFDS data directory")
   imbalance_ratio: float | None = option(
     None,
     "n_max/n_min of the training set's exponential profile (none: 100 for -lt"
-    " specs, else 1 = as is)",
+    " specs, else 1 = as is; streamed data: as their lists are)",
     check=(lambda v: v >= 1, "must be >= 1"),
   )
   method: tuple[str, ...] = option(
@@ -88,6 +130,11 @@ class Config:
   model: str = option("small_cnn", "network", choices=CLASSIFIERS)
   norm: str | None = option(
     None, "normalisation layers (none: the model's own)", choices=models.NORMS
+  )
+  dtype: str = option(
+    "float32",
+    "activations' dtype; parameters, optimizer state, losses and metrics stay float32",
+    choices=DTYPES,
   )
   epochs: int = option(30, "training epochs", check=POSITIVE)
   batch_size: int = option(
@@ -139,7 +186,21 @@ class Config:
   )
   tau: float = option(1.0, "logit-adjust strength", check=NON_NEGATIVE)
   augment: str = option(
-    "auto", "augmentation; auto: crop-flip for 32x32 images", choices=AUGMENTATIONS
+    "auto",
+    "augmentation; auto: crop-flip for 32x32 images, RandomResizedCrop and flip"
+    " for streamed data",
+    choices=AUGMENTATIONS,
+  )
+  image_size: int = option(
+    224, "streamed data: training crop and test centre crop size", check=POSITIVE
+  )
+  workers: int = option(
+    0,
+    "streamed data: grain processes decoding images (0: in this process)",
+    check=NON_NEGATIVE,
+  )
+  threads: int = option(
+    0, "streamed data: reading threads per grain process", check=NON_NEGATIVE
   )
   many_threshold: int = option(
     50, "Many split: more training images than this", check=NON_NEGATIVE
@@ -153,18 +214,76 @@ class Config:
   out: str = option("runs/long_tailed", "output directory")
   resume: bool = option(False, "continue each run from its newest checkpoint")
   checkpoint_every: int = option(
-    1, "epochs between checkpoints; 0: none", check=NON_NEGATIVE
+    1,
+    "epochs between checkpoints (the last is always kept); 0: none but those of"
+    " --checkpoint-every-steps",
+    check=NON_NEGATIVE,
+  )
+  checkpoint_every_steps: int = option(
+    0,
+    "also checkpoint every N training steps, mid-epoch too (exact resume); 0: no",
+    check=NON_NEGATIVE,
+  )
+  keep_checkpoints: int = option(
+    2, "checkpoints kept per run (the newest)", check=POSITIVE
   )
   progress: bool = option(True, "show a progress bar")
+  coordinator: str | None = option(
+    None,
+    "several processes (hosts): HOST:PORT of process 0, with --num-processes and"
+    " --process-id; or auto: jax.distributed.initialize() detects the cluster"
+    " (TPU pod slice, SLURM, Open MPI); none: one process",
+    parse=coordinator_address,
+  )
+  num_processes: int | None = option(
+    None, "with --coordinator: how many processes", check=POSITIVE
+  )
+  process_id: int | None = option(
+    None, "with --coordinator: this process's index, 0 .. N - 1", check=NON_NEGATIVE
+  )
+
+  @property
+  def streamed(self) -> bool:
+    """Whether ``--dataset`` is streamed (:mod:`shared.pipeline`)."""
+    return pipeline.is_spec(self.dataset)
 
   def validate(self) -> None:
-    """Rules across options (raises ``ValueError("--flag: ...")``)."""
+    """Rules across options (raises ``ValueError("--flag: ...")``); the devices
+    only in one process (a distributed run checks them once initialized)."""
     self.tail_path()
     if self.few_threshold > self.many_threshold:
       raise ValueError(
         f"--few-threshold: {self.few_threshold} exceeds --many-threshold"
         f" {self.many_threshold}"
       )
+    if self.streamed and self.imbalance_ratio is not None:
+      raise ValueError("--imbalance-ratio: streamed data are used as their lists are")
+    if self.streamed and self.augment != "auto":
+      raise ValueError(
+        "--augment: streamed data get RandomResizedCrop and flip; leave it auto"
+      )
+    self._check_processes()
+    if self.coordinator is None:
+      self.check_devices()
+
+  def _check_processes(self) -> None:
+    given = (self.num_processes, self.process_id)
+    if self.coordinator is None and given != (None, None):
+      raise ValueError("--num-processes/--process-id: only with --coordinator")
+    if self.coordinator not in (None, "auto") and None in given:
+      raise ValueError(
+        "--coordinator: HOST:PORT needs --num-processes and --process-id"
+      )
+    if None not in given and self.process_id >= self.num_processes:
+      raise ValueError(
+        f"--process-id: {self.process_id} is not below --num-processes"
+        f" {self.num_processes}"
+      )
+    if self.coordinator is not None and self.devices is not None:
+      raise ValueError("--devices: only in one process (several use every device)")
+
+  def check_devices(self) -> None:
+    """``--devices`` and ``--batch-size`` against the devices there are."""
     num_devices = self.devices or jax.device_count()
     if self.devices is not None and self.devices > jax.device_count():
       raise ValueError(f"--devices: there are only {jax.device_count()} devices")
@@ -184,8 +303,13 @@ class Config:
         norm=self.norm,
         rngs=nnx.Rngs(0),
       )
-    )
+    )  # no device is touched: jax.distributed may still be initialized
     return training.tail_path(shape, self.tail_capacity, self.tail_bn)
+
+  @property
+  def activation_dtype(self) -> Any:
+    """``jnp.bfloat16`` for ``--dtype bfloat16``; ``None`` (float32) otherwise."""
+    return jnp.bfloat16 if self.dtype == "bfloat16" else None
 
   @property
   def effective_tau(self) -> float:
@@ -206,6 +330,13 @@ def _ldam(dataset: str, imbalance: float) -> Preset:
     warmup_epochs=5,
     many_threshold=100,
   )
+
+
+def _large_scale(description: str, dataset: str, model: str, **values: Any) -> Preset:
+  """A streamed benchmark: from scratch, bfloat16, 90 epochs, eta 20, Many > 100."""
+  recipe = dict(epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4, eta=(20.0,))
+  recipe.update(many_threshold=100, few_threshold=20, dtype="bfloat16", workers=8)
+  return Preset(description, dataset=dataset, model=model, **{**recipe, **values})
 
 
 PRESETS: dict[str, Preset] = {
@@ -232,10 +363,45 @@ PRESETS: dict[str, Preset] = {
     tail_loss_scale=2.0,
     many_threshold=100,
   ),
+  "imagenet-lt": _large_scale(
+    "ImageNet-LT (Liu et al. 2019 split), ResNeXt-50 32x4d, Kang et al. 2020"
+    " recipe at batch 256; images in data/ImageNet_LT unless --dataset"
+    " imagenet-lt:ROOT",
+    "imagenet-lt:data/ImageNet_LT",
+    "resnext50_32x4d",
+  ),
+  "inat2018": _large_scale(
+    "iNaturalist 2018 (TFDS i_naturalist2018, --data-dir), ResNet-50, batch 512,"
+    " lr 0.2, wd 1e-4 (the long-tailed literature's recipe)",
+    "i_naturalist2018",
+    "resnet50",
+    batch_size=512,
+    lr=0.2,
+    weight_decay=1e-4,
+  ),
+  "places-lt": _large_scale(
+    "Places-LT (Liu et al. 2019 split), ResNet-50 from scratch with the"
+    " ImageNet-LT recipe (published: ImageNet-pretrained ResNet-152, not"
+    " comparable); images in data/Places_LT unless --dataset places-lt:ROOT",
+    "places-lt:data/Places_LT",
+    "resnet50",
+  ),
+}
+
+
+#: Streamed dataset kinds -> the preset they imply.
+_STREAMED_PRESETS = {
+  "imagenet-lt": "imagenet-lt",
+  "imagenet2012-lt": "imagenet-lt",
+  "places-lt": "places-lt",
+  "i_naturalist2018": "inat2018",
 }
 
 
 def implied_preset(given: dict) -> str | None:
-  """The preset named like ``--dataset`` (digits-lt when none is given)."""
+  """The preset named like ``--dataset`` (digits-lt when none is given), or that of
+  a streamed benchmark's spec (``imagenet-lt:ROOT`` -> ``imagenet-lt``)."""
   dataset = given.get("dataset", "digits-lt")
-  return dataset if dataset in PRESETS else None
+  if dataset in PRESETS:
+    return dataset
+  return _STREAMED_PRESETS.get(dataset.partition(":")[0])

@@ -12,24 +12,40 @@ balanced test set (no model selection on the test set). Written to ``--out``:
   accuracy against rho and eta, mean and spread over seeds);
 * ``metrics/<run>.csv``: loss, accuracy, ``tail_fraction``, ``tail_grad_norm``
   and learning rate after every epoch, as training goes;
-* ``checkpoints/<run>/``: Orbax checkpoints that ``--resume`` continues from (a
-  checkpoint made with other options is refused).
+* ``checkpoints/<run>/``: Orbax checkpoints, numbered by step, that ``--resume``
+  continues from (a checkpoint made with other options is refused).
 
 The base optimizer of every method is SGD with momentum, coupled weight decay and
 the schedule: ``base`` alone, ``sam`` (:func:`optax.contrib.sam`) or ``imbsam``
 (:func:`imbsam_jax.imbsam`, aimed at the classes with fewer than ``eta`` training
-images). Each global batch is split over the devices; initialisation, data order
-and augmentation depend on the seed only, so a resumed run equals an
+images).
+
+Data are in memory (:class:`ArrayData`: digits, CIFAR, npz, folder) or streamed
+(:class:`StreamData`: ImageNet-LT, Places-LT, iNaturalist 2018, split lists; read,
+decoded and augmented by grain). Both give the run a loader of its training
+batches that knows its position and the test set's padded batches: training,
+checkpoints, evaluation and the report are one code path. A checkpoint holds the
+state (parameters, optimizer state, BatchNorm statistics) and, as JSON, the
+loader's position, the history and the running epoch's metric sums; step ``s``'s
+random key is derived from the seed and ``s``. Initialisation, data order and
+augmentation depend on the seed only, so a run resumed from any step equals an
 uninterrupted one.
+
+Each global batch is split over the devices, and over the processes of a
+multi-host run (``--coordinator``, :func:`initialize_distributed`): each process
+reads its rows of every batch, evaluation sums the per-class counts of all
+processes, and the results equal those of one process with as many devices.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,10 +58,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imbsam_jax
 from long_tailed.config import PRESETS, Config, implied_preset
-from shared import data, metrics, models, options, plots, report, runner, training
+from shared import (
+  data,
+  metrics,
+  models,
+  options,
+  pipeline,
+  plots,
+  report,
+  runner,
+  training,
+)
 from shared.checkpoints import Checkpointer
 
 SPLITS = ("many", "medium", "few")
+#: ImageNet's per-channel mean and std (of pixels / 255): streamed images are
+#: normalized with them (their own would need a pass over the data).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Which sweeps each method depends on.
 USES = {"base": (), "sam": ("rho",), "imbsam": ("rho", "eta")}
 
@@ -108,19 +138,217 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+class ArrayBatches:
+  """Training batches sliced from in-memory arrays, as :class:`shared.pipeline.Batches`.
+
+  Epoch ``e`` is :func:`shared.data.iterate_batches` at ``epoch=e`` (this process's
+  rows); ``len()`` is the number of batches of all epochs, ``position`` the number
+  consumed, the whole state (:meth:`get_state`, :meth:`set_state`).
+  """
+
+  def __init__(
+    self,
+    dataset: data.Dataset,
+    global_batch_size: int,
+    *,
+    seed: int,
+    num_epochs: int,
+  ):
+    self.steps_per_epoch = data.steps_per_epoch(len(dataset.y_train), global_batch_size)
+    self.position = 0
+    self._dataset, self._batch_size, self._seed = dataset, global_batch_size, seed
+    self._len = num_epochs * self.steps_per_epoch
+    self._epoch: Iterator | None = None
+    self._description = (
+      f"arrays({dataset!r}, global_batch_size={global_batch_size}, seed={seed},"
+      f" num_epochs={num_epochs})"
+    )
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __iter__(self) -> ArrayBatches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.position >= len(self):
+      raise StopIteration
+    epoch, step = divmod(self.position, self.steps_per_epoch)
+    if self._epoch is None or step == 0:
+      ds = self._dataset
+      batches = data.iterate_batches(
+        ds.x_train,
+        ds.y_train,
+        self._batch_size,
+        seed=self._seed,
+        epoch=epoch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+      self._epoch = itertools.islice(batches, step, None)
+    x, y = next(self._epoch)
+    self.position += 1
+    return {"image": x, "label": y}
+
+  def get_state(self) -> dict[str, Any]:
+    """``{"position": batches consumed, "loader": what this loader reads}``."""
+    return {"position": self.position, "loader": self._description}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a :meth:`get_state` of a loader of the same data and options."""
+    if state["loader"] != self._description:
+      raise ValueError(
+        f"iterator state of another loader: saved for {state['loader']}, this is"
+        f" {self._description}."
+      )
+    self.position, self._epoch = int(state["position"]), None
+
+  def close(self) -> None:
+    self._epoch = None
+
+  def __enter__(self) -> ArrayBatches:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+class ArrayData(NamedTuple):
+  """An in-memory :class:`shared.data.Dataset`: batches are slices of its arrays."""
+
+  dataset: data.Dataset
+
+  @property
+  def num_classes(self) -> int:
+    return self.dataset.num_classes
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return self.dataset.x_train.shape[1:]
+
+  @property
+  def num_test(self) -> int:
+    return len(self.dataset.y_test)
+
+  def train_counts(self) -> np.ndarray:
+    return data.class_counts(self.dataset.y_train, self.dataset.num_classes)
+
+  def train_loader(
+    self, global_batch_size: int, *, seed: int, num_epochs: int
+  ) -> ArrayBatches:
+    """The run's training batches (uint8 or float32 images, int32 labels)."""
+    return ArrayBatches(
+      self.dataset, global_batch_size, seed=seed, num_epochs=num_epochs
+    )
+
+  def eval_batches(self, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of the test set's batches, padded (``valid``)."""
+    ds = self.dataset
+    for x, y, valid in data.iterate_eval_batches(
+      ds.x_test,
+      ds.y_test,
+      global_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ):
+      yield {"image": x, "label": y, "valid": valid}
+
+  def describe(self) -> dict[str, Any]:
+    ds = self.dataset
+    return {
+      "dataset_name": ds.name,
+      "imbalance_ratio_used": ds.imbalance_ratio,
+      "num_classes": ds.num_classes,
+      "class_names": list(ds.class_names),
+      "num_train": len(ds.y_train),
+      "num_test": len(ds.y_test),
+      "image_shape": list(self.image_shape),
+    }
+
+
+class StreamData(NamedTuple):
+  """A streamed dataset (:mod:`shared.pipeline`): ``train`` and ``test`` sources,
+  decoded and augmented by ``workers`` grain processes of ``threads`` threads."""
+
+  spec: str
+  train: pipeline.Source
+  test: pipeline.Source
+  image_size: int
+  workers: int
+  threads: int
+
+  @property
+  def num_classes(self) -> int:
+    return self.train.num_classes
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return (self.image_size, self.image_size, 3)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.test)
+
+  def train_counts(self) -> np.ndarray:
+    return pipeline.class_counts(self.train)
+
+  def train_loader(
+    self, global_batch_size: int, *, seed: int, num_epochs: int
+  ) -> pipeline.Batches:
+    """The run's training batches: RandomResizedCrop and flip, uint8 images."""
+    return pipeline.train_loader(
+      self.train,
+      global_batch_size=global_batch_size,
+      seed=seed,
+      num_epochs=num_epochs,
+      image_size=self.image_size,
+      workers=self.workers,
+      threads=self.threads,
+    )
+
+  def eval_batches(self, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of the test set's batches, padded (``valid``)."""
+    with pipeline.eval_loader(
+      self.test,
+      global_batch_size=global_batch_size,
+      image_size=self.image_size,
+      workers=self.workers,
+      threads=self.threads,
+    ) as loader:
+      yield from loader
+
+  def describe(self) -> dict[str, Any]:
+    counts = self.train_counts()
+    return {
+      "dataset_name": self.spec,
+      "imbalance_ratio_used": float(counts.max() / counts[counts > 0].min()),
+      "num_classes": self.num_classes,
+      "class_names": [str(c) for c in range(self.num_classes)],
+      "num_train": len(self.train),
+      "num_test": len(self.test),
+      "image_shape": list(self.image_shape),
+    }
+
+
 class Experiment(NamedTuple):
-  """What the runs share: ``config``, the loaded ``dataset``, ``train_counts``,
-  the device ``mesh``, the training images' per-channel ``mean`` and ``std``,
-  whether to ``augment`` (crop-flip) and ``steps_per_epoch``."""
+  """What the runs share: ``config``, the ``data`` (:class:`ArrayData` or
+  :class:`StreamData`), ``train_counts``, the device ``mesh``, the per-channel
+  ``mean`` and ``std`` that normalize images, whether to ``augment`` on device
+  (crop-flip) and ``steps_per_epoch``."""
 
   config: Config
-  dataset: data.Dataset
+  data: ArrayData | StreamData
   train_counts: np.ndarray
   mesh: Mesh
   mean: np.ndarray
   std: np.ndarray
   augment: bool
   steps_per_epoch: int
+
+  @property
+  def dataset(self) -> data.Dataset:
+    """The in-memory dataset (:class:`ArrayData` only)."""
+    return self.data.dataset
 
   def tail_capacity(self, eta: float) -> int | None:
     """ImbSAM's ``tail_capacity`` at ``eta`` (``None``: the exact path)."""
@@ -135,61 +363,99 @@ class Experiment(NamedTuple):
 
   def describe(self) -> dict[str, Any]:
     """Facts derived from the options and the data, for ``results.json``."""
-    ds, devices = self.dataset, self.mesh.devices
+    devices = self.mesh.devices
+    if isinstance(self.data, StreamData):
+      augment = "random-resized-crop-flip"
+    else:
+      augment = "crop-flip" if self.augment else "none"
     return {
-      "dataset_name": ds.name,
-      "imbalance_ratio_used": ds.imbalance_ratio,
-      "num_classes": ds.num_classes,
-      "class_names": list(ds.class_names),
-      "num_train": len(ds.y_train),
-      "num_test": len(ds.y_test),
-      "image_shape": list(ds.x_train.shape[1:]),
+      **self.data.describe(),
       "tau_used": self.config.effective_tau,
-      "augment_used": "crop-flip" if self.augment else "none",
+      "augment_used": augment,
       "steps_per_epoch": self.steps_per_epoch,
       "num_devices": devices.size,
+      "process_count": jax.process_count(),
       "platform": devices.flat[0].platform,
     }
 
 
+def open_data(config: Config) -> ArrayData | StreamData:
+  """The ``--dataset``: loaded into memory, or its streamed sources opened."""
+  if not config.streamed:
+    return ArrayData(
+      data.load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        imbalance_ratio=config.imbalance_ratio,
+      )
+    )
+  return StreamData(
+    config.dataset,
+    *(
+      pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
+      for split in ("train", "test")
+    ),
+    image_size=config.image_size,
+    workers=config.workers,
+    threads=config.threads,
+  )
+
+
 def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
-  """Loads the data and sets up the devices; raises ``ValueError("--flag: ...")``
-  for options that do not fit the data."""
-  if dataset is None:
-    dataset = data.load_dataset(
-      config.dataset, data_dir=config.data_dir, imbalance_ratio=config.imbalance_ratio
-    )
-  num_train = len(dataset.y_train)
-  if config.batch_size > num_train:
+  """Opens the data (``dataset``, if given, in place of ``--dataset``) and sets up
+  the devices; raises ``ValueError("--flag: ...")`` for options that do not fit."""
+  config.check_devices()
+  source = open_data(config) if dataset is None else ArrayData(dataset)
+  counts = source.train_counts()
+  if config.batch_size > counts.sum():
     raise ValueError(
-      f"--batch-size: {config.batch_size} exceeds the {num_train} training images"
+      f"--batch-size: {config.batch_size} exceeds the {counts.sum()} training images"
     )
-  counts = data.class_counts(dataset.y_train, dataset.num_classes)
   for eta in config.eta if "imbsam" in config.method else ():
     if not imbsam_jax.tail_classes(counts, eta).any():
       raise ValueError(
         f"--eta: no class has fewer than {eta:g} training images (counts"
-        f" {counts.tolist()}): ImbSAM would be plain SGD; raise --eta or"
+        f" {_show_counts(counts)}): ImbSAM would be plain SGD; raise --eta or"
         " --imbalance-ratio"
       )
-  x = data.to_float(dataset.x_train)
+  if isinstance(source, ArrayData):
+    x = data.to_float(source.dataset.x_train)
+    mean, std = x.mean(axis=(0, 1, 2)), np.maximum(x.std(axis=(0, 1, 2)), 1e-6)
+    augment = config.augment == "crop-flip" or (
+      config.augment == "auto" and source.image_shape[:2] == (32, 32)
+    )
+  else:
+    mean, std, augment = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), False
   return Experiment(
     config=config,
-    dataset=dataset,
+    data=source,
     train_counts=counts,
     mesh=training.data_parallel_mesh(jax.devices()[: config.devices]),
-    mean=x.mean(axis=(0, 1, 2)).astype(np.float32),
-    std=np.maximum(x.std(axis=(0, 1, 2)), 1e-6).astype(np.float32),
-    augment=config.augment == "crop-flip"
-    or (config.augment == "auto" and dataset.x_train.shape[1:3] == (32, 32)),
-    steps_per_epoch=data.steps_per_epoch(num_train, config.batch_size),
+    mean=mean.astype(np.float32),
+    std=std.astype(np.float32),
+    augment=augment,
+    steps_per_epoch=data.steps_per_epoch(int(counts.sum()), config.batch_size),
+  )
+
+
+def _show_counts(counts: np.ndarray, most: int = 40) -> str:
+  """The class counts, or their range and median for more than ``most`` classes.
+
+  >>> _show_counts(np.array([5, 3])), _show_counts(np.arange(100), most=10)
+  ('[5, 3]', '0 to 99, median 49.5, over 100 classes')
+  """
+  if len(counts) <= most:
+    return str(counts.tolist())
+  return (
+    f"{counts.min()} to {counts.max()}, median {np.median(counts):g}, over"
+    f" {len(counts)} classes"
   )
 
 
 class RunSteps(NamedTuple):
   """One run's replicated ``state``, jitted ``train_step(state, batch, key)`` and
-  ``predict(state, images) -> classes``, ``eval_graphdef`` (eval mode) and
-  learning-rate ``schedule``."""
+  ``predict(state, batch) -> (2, C)`` (per class: correct predictions, valid
+  test images), ``eval_graphdef`` (eval mode) and learning-rate ``schedule``."""
 
   state: training.TrainState
   train_step: Any
@@ -199,14 +465,14 @@ class RunSteps(NamedTuple):
 
 
 def per_example_loss_fn(exp: Experiment):
-  """``(model, batch) -> (losses, {"accuracy"})`` on normalized images."""
+  """``(model, batch) -> (losses, {"accuracy"})`` on normalized images, float32."""
   log_prior, tau = (
     jnp.asarray(log_class_prior(exp.train_counts)),
     exp.config.effective_tau,
   )
 
   def per_example_loss(model: nnx.Module, batch: dict[str, jax.Array]):
-    logits = model(batch["image"])
+    logits = model(batch["image"]).astype(jnp.float32)
     losses = logit_adjusted_cross_entropy(logits, batch["label"], log_prior, tau)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
     return losses, {"accuracy": accuracy}
@@ -217,13 +483,14 @@ def per_example_loss_fn(exp: Experiment):
 def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
   """Model, optimizer and jitted steps of a cell (the seed alone fixes the
   initial weights: every method of a seed starts from the same ones)."""
-  config, ds, steps = exp.config, exp.dataset, exp.steps_per_epoch
+  config, steps, num_classes = exp.config, exp.steps_per_epoch, exp.data.num_classes
   model = models.create_model(
     config.model,
-    num_classes=ds.num_classes,
-    input_shape=ds.x_train.shape[1:],
+    num_classes=num_classes,
+    input_shape=exp.data.image_shape,
     rngs=nnx.Rngs(cell.seed),
     norm=config.norm,
+    dtype=config.activation_dtype,
   )
   model.eval()
   eval_graphdef = nnx.graphdef(model)
@@ -267,18 +534,21 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     augment=preprocess,
   )
 
-  def predict(state: training.TrainState, images: jax.Array) -> jax.Array:
+  def predict(state: training.TrainState, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(eval_graphdef, state.params, state.model_state)
-    return jnp.argmax(model((data.to_float(images) - mean) / std), axis=-1).astype(
-      jnp.int32
-    )
+    logits = model((data.to_float(batch["image"]) - mean) / std)
+    labels, valid = batch["label"], batch["valid"]
+    hits = (jnp.argmax(logits, axis=-1) == labels) & valid
+    tally = lambda w: jnp.zeros(num_classes, jnp.int32).at[labels].add(w)
+    return jnp.stack([tally(hits.astype(jnp.int32)), tally(valid.astype(jnp.int32))])
 
-  # Fixed output shardings: the state stays replicated, so no step recompiles.
-  sharding = functools.partial(NamedSharding, exp.mesh)
+  # Fixed output shardings: the state stays replicated, so no step recompiles;
+  # the counts are summed over the batch shards of every device and process.
+  replicated = NamedSharding(exp.mesh, PartitionSpec())
   return RunSteps(
     state=training.replicate(state, exp.mesh),
-    train_step=jax.jit(step, out_shardings=sharding(PartitionSpec())),
-    predict=jax.jit(predict, out_shardings=sharding(PartitionSpec("data"))),
+    train_step=jax.jit(step, out_shardings=replicated),
+    predict=jax.jit(predict, out_shardings=replicated),
     eval_graphdef=eval_graphdef,
     schedule=schedule,
   )
@@ -297,7 +567,14 @@ _NOT_FINGERPRINTED = set(
     "progress",
     "devices",
     "checkpoint_every",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
     "eval_batch_size",
+    "workers",
+    "threads",
+    "coordinator",
+    "num_processes",
+    "process_id",
   ]
 )
 
@@ -316,19 +593,99 @@ def checkpoint_dir(runs_dir: str | Path, cell: runner.Cell) -> Path:
   return Path(runs_dir) / "checkpoints" / cell.name
 
 
+def next_stop(config: Config, step: int, steps_per_epoch: int) -> int:
+  """The first step after ``step`` that ends an epoch or is a multiple of
+  ``--checkpoint-every-steps`` (or the last step).
+
+  >>> config = Config(epochs=2, checkpoint_every_steps=3)
+  >>> [next_stop(config, s, steps_per_epoch=5) for s in (0, 3, 5, 6, 9)]
+  [3, 5, 6, 9, 10]
+  """
+  stops = [(step // steps_per_epoch + 1) * steps_per_epoch]
+  if every := config.checkpoint_every_steps:
+    stops.append((step // every + 1) * every)
+  return min(*stops, config.epochs * steps_per_epoch)
+
+
+def checkpoint_due(config: Config, step: int, steps_per_epoch: int) -> bool:
+  """Whether to checkpoint after ``step``: the last step, every
+  ``--checkpoint-every`` epochs' end, every ``--checkpoint-every-steps``.
+
+  >>> config = Config(epochs=4, checkpoint_every=2, checkpoint_every_steps=3)
+  >>> [s for s in range(1, 21) if checkpoint_due(config, s, steps_per_epoch=5)]
+  [3, 6, 9, 10, 12, 15, 18, 20]
+  """
+  every_epochs, every_steps = config.checkpoint_every, config.checkpoint_every_steps
+  epochs, rest = divmod(step, steps_per_epoch)
+  return (
+    step == config.epochs * steps_per_epoch
+    or bool(every_steps and step % every_steps == 0)
+    or bool(every_epochs and rest == 0 and epochs % every_epochs == 0)
+  )
+
+
+def count_report(
+  counts: np.ndarray,
+  train_counts: np.ndarray,
+  *,
+  many_threshold: int,
+  few_threshold: int,
+) -> dict[str, Any]:
+  """:func:`shared.metrics.classification_report` from per-class counts.
+
+  ``counts``: ``(2, C)`` correct predictions and test images of each class.
+
+  >>> r = count_report(np.array([[2, 1, 1], [2, 1, 3]]), np.array([200, 50, 5]),
+  ...                  many_threshold=100, few_threshold=20)
+  >>> r["overall"], r["many"], r["medium"], r["few"], r["test_counts"]
+  (0.666..., 1.0, 1.0, 0.333..., [2, 1, 3])
+  """
+  correct, total = counts
+  per_class = np.where(total > 0, correct / np.maximum(total, 1), np.nan)
+  thresholds = dict(many_threshold=many_threshold, few_threshold=few_threshold)
+  masks = metrics.class_splits(train_counts, **thresholds)
+  return {
+    "overall": float(correct.sum() / total.sum()),
+    **metrics.split_accuracy(per_class, train_counts, **thresholds),
+    "per_class": [None if np.isnan(a) else float(a) for a in per_class],
+    "test_counts": total.tolist(),
+    "split_classes": {k: np.flatnonzero(m).tolist() for k, m in masks.items()},
+  }
+
+
+def metrics_log(path: Path, resume_step: int) -> runner.MetricsLog:
+  """The run's CSV log; resuming at ``resume_step`` drops the rows of later steps
+  (written before an interruption, they are written again)."""
+  if resume_step and runner.is_main_process() and path.is_file():
+    with open(path, newline="") as f:
+      header, *rows = csv.reader(f)
+    step = header.index("step")
+    with open(path, "w", newline="") as f:
+      csv.writer(f).writerows(
+        [header, *(r for r in rows if int(r[step]) <= resume_step)]
+      )
+  return runner.MetricsLog(path, resume=resume_step > 0)
+
+
 def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str, Any]:
-  """Trains a cell (resuming from its checkpoint) and evaluates its last epoch;
+  """Trains a cell (resuming from its checkpoint) and evaluates its last step;
   returns its entry of ``results.json``."""
-  config, ds, steps = exp.config, exp.dataset, exp.steps_per_epoch
+  config, steps = exp.config, exp.steps_per_epoch
+  total = config.epochs * steps
   run = build_run(exp, cell)
-  state, history, start = run.state, {}, 0
+  loader = exp.data.train_loader(
+    config.batch_size, seed=cell.seed, num_epochs=config.epochs
+  )
+  state, start, history, sums = run.state, 0, {}, {}
   made_with = fingerprint(exp, cell)
   checkpointer = None
-  if config.checkpoint_every:
+  if config.checkpoint_every or config.checkpoint_every_steps:
     checkpointer = Checkpointer(
-      checkpoint_dir(config.out, cell), fresh=not config.resume
+      checkpoint_dir(config.out, cell),
+      max_to_keep=config.keep_checkpoints,
+      fresh=not config.resume,
     )
-    if config.resume and checkpointer.latest_epoch() is not None:
+    if config.resume and checkpointer.latest_step() is not None:
       state, meta = checkpointer.restore(state)
       if meta["fingerprint"] != made_with:
         differ = [k for k, v in made_with.items() if meta["fingerprint"].get(k) != v]
@@ -337,62 +694,59 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
           f" {', '.join(differ)}; use the original options, another --out, or no"
           " --resume."
         )
-      start, history = int(meta["epoch"]), meta["history"]
-  log = runner.MetricsLog(
-    Path(config.out) / "metrics" / f"{cell.name}.csv", resume=start > 0
-  )
+      loader.set_state(meta["data"])
+      start, history = int(meta["step"]), meta["history"]
+      sums = {k: jnp.float32(v) for k, v in meta["epoch_sums"].items()}
+      assert int(state.step) == start == loader.position, "inconsistent checkpoint"
+  log = metrics_log(Path(config.out) / "metrics" / f"{cell.name}.csv", start)
   aug_key = jax.random.fold_in(jax.random.key(cell.seed), 1)
-  bar.update(start * steps)
-  started = time.perf_counter()
+  bar.update(start)
+  started, position = time.perf_counter(), start
   try:
-    for epoch in range(start, config.epochs):
-      batches = data.iterate_batches(
-        ds.x_train,
-        ds.y_train,
-        config.batch_size,
-        seed=cell.seed,
-        epoch=epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
-      state, means = training.train_epoch(
-        run.train_step,
-        state,
-        ({"image": x, "label": y} for x, y in batches),
-        exp.mesh,
-        aug_key,
-        first_step=epoch * steps,
-        bar=bar,
-      )
-      bar.set_postfix(epoch=epoch + 1, loss=f"{means['loss']:.3f}")
-      for k, v in means.items():
-        history.setdefault(f"train_{k}", []).append(v)
-      done = epoch + 1
-      log.write(
-        {
-          "epoch": done,
-          "step": done * steps,
-          **means,
-          "lr": float(run.schedule(done * steps - 1)),
-        }
-      )
-      if checkpointer and (
-        done % config.checkpoint_every == 0 or done == config.epochs
-      ):
-        checkpointer.save(done, state, {"fingerprint": made_with, "history": history})
+    with loader:
+      while position < total:
+        stop = next_stop(config, position, steps)
+        state, sums, _ = training.train_steps(
+          run.train_step,
+          state,
+          itertools.islice(loader, stop - position),
+          exp.mesh,
+          aug_key,
+          first_step=position,
+          sums=sums,
+          bar=bar,
+        )
+        position = stop
+        if position % steps == 0:
+          means, sums = {k: float(v) / steps for k, v in sums.items()}, {}
+          bar.set_postfix(epoch=position // steps, loss=f"{means['loss']:.3f}")
+          for k, v in means.items():
+            history.setdefault(f"train_{k}", []).append(v)
+          lr = float(run.schedule(position - 1))
+          log.write({"epoch": position // steps, "step": position, **means, "lr": lr})
+        if checkpointer and checkpoint_due(config, position, steps):
+          assert loader.position == position
+          meta = {"fingerprint": made_with, "history": history}
+          meta.update(
+            data=loader.get_state(),
+            epoch_sums={k: float(v) for k, v in sums.items()},
+          )
+          checkpointer.save(position, state, meta)
   finally:
     if checkpointer:
       checkpointer.close()
   train_time = time.perf_counter() - started
-  predictions = training.evaluate(
-    functools.partial(run.predict, state), ds.x_test, config.eval_batch_size, exp.mesh
+  eval_batch = exp.mesh.size * -(
+    -min(config.eval_batch_size, exp.data.num_test) // exp.mesh.size
+  )
+  counts = training.sum_over_batches(
+    functools.partial(run.predict, state), exp.data.eval_batches(eval_batch), exp.mesh
   )
   eta = cell.setting.get("eta")
   return {
     "optimizer": "sgd" if cell.method == "base" else cell.method,
-    **metrics.classification_report(
-      predictions,
-      ds.y_test,
+    **count_report(
+      counts,
       exp.train_counts,
       many_threshold=config.many_threshold,
       few_threshold=config.few_threshold,
@@ -404,8 +758,9 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     "tail_capacity": exp.tail_capacity(eta) if cell.method == "imbsam" else None,
     "tail_path": config.tail_path() if cell.method == "imbsam" else None,
     "history": history,
-    "epochs_trained_now": config.epochs - start,
-    "resumed_from_epoch": start,
+    "epochs_trained_now": config.epochs - start // steps,
+    "resumed_from_epoch": start // steps,
+    "resumed_from_step": start,
     "train_time_s": round(train_time, 3),
     "compiles": {
       "train_step": run.train_step._cache_size(),
@@ -491,10 +846,11 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
   """Runs every cell of a checked ``config``; writes results, logs and figures."""
   log = print if runner.is_main_process() else (lambda *_: None)
   exp = prepare(config, dataset)
-  ds, counts = exp.dataset, exp.train_counts
+  facts, counts = exp.describe(), exp.train_counts
   log(
-    f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images, imbalance"
-    f" ratio {ds.imbalance_ratio:g}; train counts per class {counts.tolist()}"
+    f"{facts['dataset_name']}: {facts['num_train']} train / {facts['num_test']} test"
+    f" images, imbalance ratio {facts['imbalance_ratio_used']:g}; train counts per"
+    f" class {_show_counts(counts)}"
   )
   for eta in config.eta if "imbsam" in config.method else ():
     tail, capacity = imbsam_jax.tail_classes(counts, eta), exp.tail_capacity(eta)
@@ -506,9 +862,10 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
     share = counts[tail].sum() / counts.sum()
     log(f"ImbSAM tail at eta={eta:g}: {tail.sum()} classes, {share:.1%}; {path}")
   log(
-    f"{config.model} (norm: {config.norm or 'model default'}), {config.epochs} epochs x"
-    f" {exp.steps_per_epoch} steps of {config.batch_size} on {exp.mesh.size}"
-    f" {exp.mesh.devices.flat[0].platform} device(s)"
+    f"{config.model} (norm: {config.norm or 'model default'}, {config.dtype}),"
+    f" {config.epochs} epochs x {exp.steps_per_epoch} steps of {config.batch_size}"
+    f" on {exp.mesh.size} {facts['platform']} device(s) in {jax.process_count()}"
+    " process(es)"
   )
   sweeps = options.sweep_values(config)
   results = runner.run_grid(
@@ -542,18 +899,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     description="Train a classifier on long-tailed data with SGD, SAM and ImbSAM and"
     " compare their Many/Medium/Few test accuracy.",
   )
+  initialize_distributed(config)
   return run(config)
+
+
+def initialize_distributed(config: Config) -> None:
+  """Joins this process to the others of ``--coordinator`` (before any device is
+  used): ``jax.distributed.initialize``, with gloo for collectives between CPUs."""
+  if config.coordinator is None:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    None if config.coordinator == "auto" else config.coordinator,
+    num_processes=config.num_processes,
+    process_id=config.process_id,
+  )
 
 
 class Restored(NamedTuple):
   """A finished run's ``experiment``, last ``state``, per-example training
   ``loss_fn(params, {"image", "label"})`` (model in eval mode, normalized images)
-  and normalized training ``inputs``."""
+  and normalized training ``inputs`` (``None`` for streamed data)."""
 
   experiment: Experiment
   state: training.TrainState
   loss_fn: Any
-  inputs: np.ndarray
+  inputs: np.ndarray | None
 
 
 @functools.cache
@@ -562,14 +933,17 @@ def _experiment(config: Config) -> Experiment:
 
 
 def restore(run_entry: dict[str, Any], runs_dir: str | Path) -> Restored:
-  """Restores the final checkpoint of a run of ``runs_dir/results.json``.
+  """Restores the final checkpoint of a run of ``runs_dir/results.json`` (in this
+  process, on its devices, whatever made it).
 
   Raises:
     FileNotFoundError: the run has no checkpoint.
-    ValueError: the checkpoint is not the last epoch's, or not the run's.
+    ValueError: the checkpoint is not the last step's, or not the run's.
   """
   config = options.from_json(Config, {**run_entry["config"], "method": ["base"]})
-  exp = _experiment(dataclasses.replace(config, out=str(runs_dir), progress=False))
+  alone = dict(coordinator=None, num_processes=None, process_id=None)
+  config = dataclasses.replace(config, out=str(runs_dir), progress=False, **alone)
+  exp = _experiment(config)
   setting = {k: run_entry[k] for k in USES[run_entry["method"]]}
   cell = runner.Cell(run_entry["method"], int(run_entry["seed"]), setting)
   directory = checkpoint_dir(runs_dir, cell)
@@ -579,10 +953,10 @@ def restore(run_entry: dict[str, Any], runs_dir: str | Path) -> Restored:
     raise FileNotFoundError(f"No checkpoints in {directory}: {again} first.")
   with Checkpointer(directory) as checkpointer:
     state, meta = checkpointer.restore(steps.state)
-  if meta["epoch"] != config.epochs:
+  if meta["step"] != config.epochs * exp.steps_per_epoch:
     raise ValueError(
-      f"{directory} ends at epoch {meta['epoch']} of {config.epochs}: finish the"
-      " run with --resume."
+      f"{directory} ends at step {meta['step']} of"
+      f" {config.epochs * exp.steps_per_epoch}: finish the run with --resume."
     )
   if meta["fingerprint"] != fingerprint(exp, cell):
     raise ValueError(
@@ -596,5 +970,7 @@ def restore(run_entry: dict[str, Any], runs_dir: str | Path) -> Restored:
       nnx.merge(steps.eval_graphdef, params, state.model_state, copy=True), batch
     )[0]
 
-  inputs = data.to_float(exp.dataset.x_train, exp.mean, exp.std)
+  inputs = None
+  if isinstance(exp.data, ArrayData):
+    inputs = data.to_float(exp.dataset.x_train, exp.mean, exp.std)
   return Restored(exp, state, loss_fn, inputs)

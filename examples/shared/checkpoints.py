@@ -1,17 +1,18 @@
-"""Per-epoch Orbax checkpoints of one training run, for ``--resume``.
+"""Orbax checkpoints of one training run, numbered by training step, for ``--resume``.
 
-Checkpoint ``epoch`` (epochs completed) holds ``state``, any pytree of arrays, and
-``meta``, a JSON dict. Saving is asynchronous (:meth:`Checkpointer.close` waits):
-do not donate the saved state's buffers while a save may read them.
+Checkpoint ``step`` holds ``state``, any pytree of arrays, and ``meta``, a JSON dict
+(e.g. the data loader's position). Saving is asynchronous (:meth:`Checkpointer.close`
+waits): do not donate the saved state's buffers while a save may read them. With
+several JAX processes, every process makes the same calls on a shared directory.
 
 >>> import tempfile, jax.numpy as jnp
 >>> directory = tempfile.mkdtemp()
 >>> with Checkpointer(directory) as ckpt:
-...   ckpt.save(1, {"w": jnp.ones(3)}, {"loss": [0.5]})
+...   ckpt.save(10, {"w": jnp.ones(3)}, {"loss": [0.5]})
 >>> with Checkpointer(directory) as ckpt:
 ...   state, meta = ckpt.restore({"w": jnp.zeros(3)})
 >>> state["w"].tolist(), meta
-([1.0, 1.0, 1.0], {'loss': [0.5], 'epoch': 1})
+([1.0, 1.0, 1.0], {'loss': [0.5], 'step': 10})
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -30,38 +32,40 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike[str], *, max_to_keep=2, fresh=False):
     self.directory = Path(directory).absolute()
-    if fresh and self.directory.exists():
+    if fresh and jax.process_index() == 0 and self.directory.exists():
       shutil.rmtree(self.directory)
+    if jax.process_count() > 1:  # no process may write into the old directory
+      multihost_utils.sync_global_devices(f"fresh checkpoints {self.directory}")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_epoch(self) -> int | None:
-    """The epoch of the newest checkpoint, or ``None`` if there is none."""
+  def latest_step(self) -> int | None:
+    """The step of the newest checkpoint, or ``None`` if there is none."""
     return self._manager.latest_step()
 
-  def save(self, epoch: int, state: Any, meta: dict[str, Any] | None = None) -> None:
-    """Saves ``state`` and ``meta`` (plus ``"epoch"``); files are written later."""
-    meta = {**(meta or {}), "epoch": int(epoch)}
+  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> None:
+    """Saves ``state`` and ``meta`` (plus ``"step"``); files are written later."""
+    meta = {**(meta or {}), "step": int(step)}
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
     )
-    self._manager.save(int(epoch), args=args)
+    self._manager.save(int(step), args=args)
 
-  def restore(self, template: Any, epoch: int | None = None) -> tuple[Any, dict]:
-    """``(state, meta)`` of checkpoint ``epoch`` (default: the newest).
+  def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+    """``(state, meta)`` of checkpoint ``step`` (default: the newest).
 
     ``template`` (arrays or ``jax.ShapeDtypeStruct`` leaves) gives the structure,
     dtypes, shapes and shardings; FileNotFoundError if there is no checkpoint.
     """
     self._manager.wait_until_finished()
-    epoch = self.latest_epoch() if epoch is None else epoch
-    if epoch is None:
+    step = self.latest_step() if step is None else step
+    if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     args = ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
     )
-    restored = self._manager.restore(epoch, args=args)
+    restored = self._manager.restore(step, args=args)
     return restored.state, dict(restored.meta)
 
   def close(self) -> None:
