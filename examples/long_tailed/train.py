@@ -415,8 +415,8 @@ def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
     if not imbsam_jax.tail_classes(counts, eta).any():
       raise ValueError(
         f"--eta: no class has fewer than {eta:g} training images (counts"
-        f" {_show_counts(counts)}): ImbSAM would be plain SGD; raise --eta or"
-        " --imbalance-ratio"
+        f" {_show_counts(counts)}): ImbSAM would be plain SGD; raise --eta"
+        + ("" if isinstance(source, StreamData) else " or --imbalance-ratio")
       )
   if isinstance(source, ArrayData):
     x = data.to_float(source.dataset.x_train)
