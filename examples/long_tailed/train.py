@@ -389,15 +389,12 @@ def open_data(config: Config) -> ArrayData | StreamData:
         imbalance_ratio=config.imbalance_ratio,
       )
     )
+  train, test = (
+    pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
+    for split in ("train", "test")
+  )
   return StreamData(
-    config.dataset,
-    *(
-      pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
-      for split in ("train", "test")
-    ),
-    image_size=config.image_size,
-    workers=config.workers,
-    threads=config.threads,
+    config.dataset, train, test, config.image_size, config.workers, config.threads
   )
 
 
