@@ -69,7 +69,7 @@ class Config:
     check=POSITIVE,
   )
   directory: str | None = option(
-    None, "where to generate the images (kept; default: a temporary folder)"
+    None, "where to generate the images (kept; none: a temporary folder)"
   )
   out: str | None = option(
     None,
