@@ -13,6 +13,10 @@ on the same model and batch; only the optimizer differs:
   (3 + 6k/B passes); with BatchNorm, their statistics anchored to the clean pass
   (``imbsam_jax.flax``, an approximation), else exact.
 
+``--model resnet50`` (or ``resnext50_32x4d``) times the ImageNet models on 224x224
+images and 1000 classes instead of the CIFAR ResNet; ``--dtype bfloat16`` computes
+the activations in bfloat16 (parameters and optimizer state stay float32).
+
 Times are medians over rounds in which the variants run interleaved, so that drifts
 of a noisy machine hit all of them alike; ratios to SGD (and SAM) in the same process
 are the numbers to compare across machines, not milliseconds.
@@ -20,6 +24,7 @@ are the numbers to compare across machines, not milliseconds.
 Example::
 
   python examples/benchmark.py --json runs/benchmark.json
+  python examples/benchmark.py --model resnet50 --dtype bfloat16 --norm batch
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import imbsam_jax
 from shared import models, options, report, training
 from shared.options import FRACTION, POSITIVE, option
 
-NUM_CLASSES = 10
-TAIL_CLASS = NUM_CLASSES - 1
+MODELS = ("cifar", "resnet50", "resnext50_32x4d")
+DTYPES = ("float32", "bfloat16")
 VARIANTS = ("sgd", "sam", "imbsam", "imbsam-exact", "imbsam-fast")
 PASSES = {"sgd": 3, "sam": 6, "imbsam": 9, "imbsam-exact": 8}
 
@@ -51,12 +56,21 @@ class Config:
   """Options of the benchmark."""
 
   batch_size: int = option(128, "batch size", check=POSITIVE)
+  model: str = option(
+    "cifar",
+    "cifar: the CIFAR ResNet of --depth and --width, 32x32 images, 10 classes; or"
+    " an ImageNet model, 224x224 images, 1000 classes",
+    choices=MODELS,
+  )
+  dtype: str = option(
+    "float32", "activations' dtype (parameters stay float32)", choices=DTYPES
+  )
   depth: int = option(
     8,
-    "CIFAR ResNet depth (32 = ResNet-32)",
+    "CIFAR ResNet depth (32 = ResNet-32); --model cifar",
     check=(lambda d: d >= 8 and (d - 2) % 6 == 0, "must be 6n + 2 with n >= 1"),
   )
-  width: int = option(16, "channels of the first stage", check=POSITIVE)
+  width: int = option(16, "channels of the first stage; --model cifar", check=POSITIVE)
   norm: tuple[str, ...] = option(
     ("batch", "group"), "normalisation layers", choices=models.NORMS, flags=("--norms",)
   )
@@ -90,33 +104,69 @@ def parse_args(argv: Sequence[str] | None) -> Config:
   )
 
 
-def make_batch(batch_size: int, num_tail: int, seed: int = 0) -> dict[str, Any]:
-  """A batch with exactly ``num_tail`` examples of the tail class."""
+def shape(args: Config) -> tuple[int, int]:
+  """``(image size, number of classes)`` of the benchmarked model."""
+  return (32, 10) if args.model == "cifar" else (224, 1000)
+
+
+def make_batch(
+  batch_size: int,
+  num_tail: int,
+  seed: int = 0,
+  *,
+  image_size: int = 32,
+  num_classes: int = 10,
+) -> dict[str, Any]:
+  """A batch with exactly ``num_tail`` examples of the tail (the last) class."""
   rng = np.random.default_rng(seed)
-  label = rng.integers(0, TAIL_CLASS, size=batch_size)
-  label[rng.choice(batch_size, size=num_tail, replace=False)] = TAIL_CLASS
-  image = rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32)
-  return {"image": jnp.asarray(image), "label": jnp.asarray(label, jnp.int32)}
+  label = rng.integers(0, num_classes - 1, size=batch_size)
+  label[rng.choice(batch_size, size=num_tail, replace=False)] = num_classes - 1
+  image = rng.normal(size=(batch_size, image_size, image_size, 3))
+  return {
+    "image": jnp.asarray(image, jnp.float32),
+    "label": jnp.asarray(label, jnp.int32),
+  }
 
 
 def per_example_loss(model: nnx.Module, batch: dict[str, Any]):
-  logits = model(batch["image"])
+  logits = model(batch["image"]).astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   return losses, {}
 
 
+def make_model(args: Config, norm: str) -> nnx.Module:
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+  image_size, num_classes = shape(args)
+  if args.model == "cifar":
+    return models.CifarResNet(
+      num_classes,
+      depth=args.depth,
+      width=args.width,
+      norm=norm,
+      dtype=dtype,
+      rngs=nnx.Rngs(0),
+    )
+  return models.create_model(
+    args.model,
+    num_classes=num_classes,
+    input_shape=(image_size, image_size, 3),
+    norm=norm,
+    dtype=dtype,
+    rngs=nnx.Rngs(0),
+  )
+
+
 def build_step(variant: str, args: Config, norm: str, capacity: int):
   """The jitted step and its initial state for one variant."""
+  num_classes = shape(args)[1]
   mask_fn = imbsam_jax.tail_mask_from_counts(
-    [1000] * TAIL_CLASS + [10], eta=20
+    [1000] * (num_classes - 1) + [10], eta=20
   )  # the last class is the tail
   base = optax.sgd(0.01, momentum=0.9)
   method = {"sgd": "base", "sam": "sam"}.get(variant, "imbsam")
   kwargs = {"tail_capacity": capacity} if variant == "imbsam-fast" else {}
   tx = training.make_optimizer(method, base, rho=0.05, tail_mask_fn=mask_fn, **kwargs)
-  model = models.CifarResNet(
-    NUM_CLASSES, depth=args.depth, width=args.width, norm=norm, rngs=nnx.Rngs(0)
-  )
+  model = make_model(args, norm)
   path = {"imbsam-exact": "exact", "imbsam": "gathered"}.get(variant)
   if variant == "imbsam-fast":  # BatchNorm: anchored tail statistics
     path = training.tail_path(model, capacity, "anchored")
@@ -145,8 +195,18 @@ def peak_memory_bytes(compiled: Any) -> int | None:
 
 
 def benchmark_setting(
-  args: Config, norm: str, tail_fraction: float, variants: Sequence[str]
+  args: Config,
+  norm: str,
+  tail_fraction: float,
+  variants: Sequence[str],
+  steps: dict[tuple[Any, ...], list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
+  """Times the variants on a batch with this tail share; one row per variant.
+
+  ``steps`` keeps the compiled steps (and their memory) between settings: only
+  ``imbsam-fast`` depends on the tail share, through its capacity.
+  """
+  steps = {} if steps is None else steps
   batch_size = args.batch_size
   num_tail = round(tail_fraction * batch_size)
   # Two groups of classes, the second (share tail_fraction of the data) the tail.
@@ -154,23 +214,29 @@ def benchmark_setting(
   capacity = imbsam_jax.suggest_tail_capacity(
     counts, eta=counts[1] + 1, batch_size=batch_size, num_std=args.capacity_std
   )
-  batch = make_batch(batch_size, num_tail)
+  image_size, num_classes = shape(args)
+  batch = make_batch(
+    batch_size, num_tail, image_size=image_size, num_classes=num_classes
+  )
   key = jax.random.key(0)
   runners = {}
-  memory = {}
   for variant in variants:
-    step, state = build_step(variant, args, norm, capacity)
-    compiled = step.lower(state, batch, key).compile()
-    memory[variant] = peak_memory_bytes(compiled)
+    name = (norm, variant, capacity if variant == "imbsam-fast" else None)
+    if name not in steps:
+      step, state = build_step(variant, args, norm, capacity)
+      memory = peak_memory_bytes(step.lower(state, batch, key).compile())
+      steps[name] = [step, state, memory]
+    runners[variant] = steps[name]
+    step, state, _ = runners[variant]
     for _ in range(2):  # warm up
       state, metrics = step(state, batch, key)
     jax.block_until_ready(metrics)
-    runners[variant] = [step, state]
+    runners[variant][1] = state
 
   times: dict[str, list[float]] = {v: [] for v in variants}
   for _ in range(args.rounds):
     for variant in variants:
-      step, state = runners[variant]
+      step, state, _ = runners[variant]
       for _ in range(args.steps_per_round):
         start = time.perf_counter()
         state, metrics = step(state, batch, key)
@@ -184,6 +250,7 @@ def benchmark_setting(
   rows = []
   for variant in variants:
     passes = PASSES.get(variant, 3 + 6 * capacity / batch_size)
+    memory = runners[variant][2]
     rows.append(
       {
         "norm": norm,
@@ -192,11 +259,12 @@ def benchmark_setting(
         "variant": variant,
         "tail_capacity": capacity if variant == "imbsam-fast" else None,
         "ms": 1e3 * median[variant],
+        "images_per_s": batch_size / median[variant],
         "ratio_to_sgd": median[variant] / median["sgd"] if "sgd" in median else None,
         "ratio_to_sam": median[variant] / median["sam"] if "sam" in median else None,
         "passes": passes,
         "ideal_ratio_to_sgd": passes / 3,
-        "peak_memory_mb": None if memory[variant] is None else memory[variant] / 2**20,
+        "peak_memory_mb": None if memory is None else memory / 2**20,
       }
     )
   return rows
@@ -204,15 +272,15 @@ def benchmark_setting(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   header = (
-    f"{'norm':6} {'tail':>5} {'variant':13} {'k':>4} {'ms':>9} {'x SGD':>6}"
-    f" {'x SAM':>6} {'ideal':>6} {'peak MB':>8}"
+    f"{'norm':6} {'tail':>5} {'variant':13} {'k':>4} {'ms':>9} {'img/s':>8}"
+    f" {'x SGD':>6} {'x SAM':>6} {'ideal':>6} {'peak MB':>8}"
   )
   lines = [header, "-" * len(header)]
   fmt = lambda x, spec: "-" if x is None else format(x, spec)
   for r in rows:
     lines.append(
       f"{r['norm']:6} {r['tail_fraction']:5.0%} {r['variant']:13}"
-      f" {fmt(r['tail_capacity'], '4d'):>4} {r['ms']:9.1f}"
+      f" {fmt(r['tail_capacity'], '4d'):>4} {r['ms']:9.1f} {r['images_per_s']:8.0f}"
       f" {fmt(r['ratio_to_sgd'], '6.2f'):>6} {fmt(r['ratio_to_sam'], '6.2f'):>6}"
       f" {r['ideal_ratio_to_sgd']:6.2f} {fmt(r['peak_memory_mb'], '8.1f'):>8}"
     )
@@ -221,10 +289,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  rows = []
+  rows, steps = [], {}
   for norm in args.norm:
     for fraction in args.tail_fraction:
-      setting = benchmark_setting(args, norm, fraction, args.variant)
+      setting = benchmark_setting(args, norm, fraction, args.variant, steps)
       rows.extend(setting)
       print(format_table(setting), flush=True)
       print(flush=True)
@@ -233,13 +301,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "platform": jax.default_backend(),
     "jax": jax.__version__,
     "batch_size": args.batch_size,
-    "model": f"CifarResNet-{args.depth} width {args.width}",
+    "model": (
+      f"CifarResNet-{args.depth} width {args.width}"
+      if args.model == "cifar"
+      else args.model
+    ),
+    "dtype": args.dtype,
     "rounds": args.rounds,
     "steps_per_round": args.steps_per_round,
     "rows": rows,
   }
   print(
-    f"{result['model']}, batch {args.batch_size}, {result['platform']}"
+    f"{result['model']} ({args.dtype}), batch {args.batch_size}, {result['platform']}"
     f" ({result['device']}), jax {jax.__version__}"
   )
   print(format_table(rows))

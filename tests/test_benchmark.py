@@ -73,3 +73,42 @@ def test_benchmark_options(tmp_path, capsys):
       assert e.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_benchmark_bfloat16_and_one_compile_per_step(monkeypatch):
+  """``--dtype bfloat16`` runs; a step is built once for all the tail shares that
+  share it (only ``imbsam-fast`` depends on the share, through its capacity)."""
+  built = []
+  build_step = benchmark.build_step
+  monkeypatch.setattr(
+    benchmark,
+    "build_step",
+    lambda variant, *a: built.append(variant) or build_step(variant, *a),
+  )
+  result = benchmark.main(
+    [
+      "--batch-size=16",
+      "--width=4",
+      "--norm=none",
+      "--dtype=bfloat16",
+      "--tail-fraction=0.1,0.5",
+      "--variant=sgd,imbsam-fast",
+      "--rounds=1",
+      "--steps-per-round=1",
+    ]
+  )
+  assert result["dtype"] == "bfloat16"
+  assert result["model"] == "CifarResNet-8 width 4"
+  capacities = [r["tail_capacity"] for r in result["rows"] if r["tail_capacity"]]
+  assert capacities == [8, 16]  # two capacities: imbsam-fast built twice
+  assert built == ["sgd", "imbsam-fast", "imbsam-fast"]
+  assert all(r["images_per_s"] > 0 for r in result["rows"])
+
+
+def test_benchmark_imagenet_models_shapes():
+  """``--model resnet50``: 224x224 images and 1000 classes, the tail class last."""
+  args = benchmark.parse_args(["--model", "resnet50", "--dtype", "bfloat16"])
+  assert benchmark.shape(args) == (224, 1000)
+  batch = benchmark.make_batch(4, num_tail=1, image_size=224, num_classes=1000)
+  assert batch["image"].shape == (4, 224, 224, 3)
+  assert int((batch["label"] == 999).sum()) == 1
