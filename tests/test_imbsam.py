@@ -315,9 +315,9 @@ def test_all_tail_is_sam():
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_no_recompilation_across_steps():
+def run_counting_traces(tx: optax.GradientTransformation):
+  """Five jitted steps over batches with 0..16 tail examples; (params, traces)."""
   traces = []
-  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.05, HARD_MASK, tail_capacity=4)
 
   @jax.jit
   def step(params, state, batch):
@@ -332,8 +332,13 @@ def test_no_recompilation_across_steps():
   state = tx.init(params)
   for seed, num_tail in enumerate([0, 3, 9, 1, 16]):
     params, state = step(params, state, make_batch(seed, num_tail=num_tail))
-  assert len(traces) == 1
   assert step._cache_size() == 1
+  return params, len(traces)
+
+
+def test_no_recompilation_across_steps():
+  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.05, HARD_MASK, tail_capacity=4)
+  assert run_counting_traces(tx)[1] == 1
 
 
 def test_inject_hyperparams_rho_and_learning_rate_under_jit():
@@ -673,20 +678,6 @@ def test_auto_capacity_no_recompilation_and_inject_hyperparams():
   tx = optax.inject_hyperparams(imbsam_jax.imbsam, static_args=("tail_mask_fn",))(
     optax.adam(0.05), rho=0.05, tail_mask_fn=HARD_MASK, tail_capacity="auto"
   )
-  traces = []
-
-  @jax.jit
-  def step(params, state, batch):
-    traces.append(1)
-    grads = clean_grads(params, batch)
-    updates, state = tx.update(
-      grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
-    )
-    return optax.apply_updates(params, updates), state
-
-  params = init_params()
-  state = tx.init(params)
-  for seed, num_tail in enumerate([0, 3, 9, 1, 16]):
-    params, state = step(params, state, make_batch(seed, num_tail=num_tail))
-  assert len(traces) == 1 and step._cache_size() == 1
+  params, num_traces = run_counting_traces(tx)
+  assert num_traces == 1
   chex.assert_tree_all_finite(params)

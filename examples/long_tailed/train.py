@@ -138,12 +138,12 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-class ArrayBatches:
+class ArrayBatches(pipeline.Resumable):
   """Training batches sliced from in-memory arrays, as :class:`shared.pipeline.Batches`.
 
   Epoch ``e`` is :func:`shared.data.iterate_batches` at ``epoch=e`` (this process's
   rows); ``len()`` is the number of batches of all epochs, ``position`` the number
-  consumed, the whole state (:meth:`get_state`, :meth:`set_state`).
+  consumed, the whole state (:meth:`~shared.pipeline.Resumable.get_state`).
   """
 
   def __init__(
@@ -190,18 +190,8 @@ class ArrayBatches:
     self.position += 1
     return {"image": x, "label": y}
 
-  def get_state(self) -> dict[str, Any]:
-    """``{"position": batches consumed, "loader": what this loader reads}``."""
-    return {"position": self.position, "loader": self._description}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Continues from a :meth:`get_state` of a loader of the same data and options."""
-    if state["loader"] != self._description:
-      raise ValueError(
-        f"iterator state of another loader: saved for {state['loader']}, this is"
-        f" {self._description}."
-      )
-    self.position, self._epoch = int(state["position"]), None
+  def _seek(self, position: int) -> None:
+    self.position, self._epoch = position, None
 
   def close(self) -> None:
     self._epoch = None

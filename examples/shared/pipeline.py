@@ -499,7 +499,34 @@ class _Stream:
     return position, int(k if self._order is None else self._order[epoch * self._n + k])
 
 
-class Batches:
+class Resumable:
+  """An iterator of batches whose state is its position and what it reads.
+
+  Subclasses set ``position`` (batches consumed) and ``_description`` (a string
+  naming the data and options), and implement :meth:`_seek`.
+  """
+
+  position: int
+  _description: str
+
+  def get_state(self) -> dict[str, Any]:
+    """``{"position": batches consumed, "loader": what this loader reads}``."""
+    return {"position": self.position, "loader": self._description}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a :meth:`get_state` of a loader of the same data and options."""
+    if state["loader"] != self._description:
+      raise ValueError(
+        f"iterator state of another loader: saved for {state['loader']}, this is"
+        f" {self._description}."
+      )
+    self._seek(int(state["position"]))
+
+  def _seek(self, position: int) -> None:
+    raise NotImplementedError
+
+
+class Batches(Resumable):
   """An iterator of one process's batches that knows its position.
 
   ``len()`` is the number of batches of the whole stream, ``position`` the number
@@ -554,19 +581,9 @@ class Batches:
       dataset = dataset.mp_prefetch(options)
     return iter(dataset)
 
-  def get_state(self) -> dict[str, Any]:
-    """``{"position": batches consumed, "loader": what this loader reads}``."""
-    return {"position": self.position, "loader": self._description}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Continues from a :meth:`get_state` of a loader of the same data and options."""
-    if state["loader"] != self._description:
-      raise ValueError(
-        f"iterator state of another loader: saved for {state['loader']}, this is"
-        f" {self._description}."
-      )
+  def _seek(self, position: int) -> None:
     self.close()
-    self.position = int(state["position"])
+    self.position = position
 
   def close(self) -> None:
     """Stops the workers; iterating again restarts them at :attr:`position`."""
