@@ -13,46 +13,34 @@ from shared import metrics
 # ---------------------------------------------------------------- accuracy
 
 
-def test_accuracy_indices_and_logits():
-  assert metrics.accuracy([0, 1, 1, 2], [0, 1, 2, 2]) == 0.75
-  logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 4.0]])
-  assert metrics.accuracy(logits, [0, 1, 1]) == pytest.approx(2 / 3)
-  assert metrics.accuracy(jnp.array([1, 1]), jnp.array([1, 0])) == 0.5
-  assert np.isnan(metrics.accuracy([], []))
-  with pytest.raises(ValueError, match="differ"):
-    metrics.accuracy([0, 1], [0])
+def counts_of(predictions, labels, num_classes):
+  """Per-class (correct, total) counts, as the long-tailed evaluation sums them."""
+  predictions, labels = np.asarray(predictions), np.asarray(labels)
+  total = np.bincount(labels, minlength=num_classes)
+  correct = np.bincount(labels[predictions == labels], minlength=num_classes)
+  return correct, total
 
 
-def test_per_class_accuracy_hand_computed():
-  labels = [0, 0, 0, 1, 1, 3]
-  predictions = [0, 1, 0, 1, 0, 3]
-  acc = metrics.per_class_accuracy(predictions, labels, num_classes=4)
-  assert acc.shape == (4,) and acc.dtype == np.float64
-  np.testing.assert_allclose(acc[[0, 1, 3]], [2 / 3, 1 / 2, 1.0])
-  assert np.isnan(acc[2])  # class 2 has no test example
-  # Logits give the same; JAX arrays are accepted.
-  logits = np.eye(4)[predictions] * 5.0
-  np.testing.assert_array_equal(
-    metrics.per_class_accuracy(jnp.asarray(logits), jnp.asarray(labels), 4), acc
-  )
-
-
-def test_per_class_accuracy_matches_sklearn_recall():
+def test_classification_report_matches_sklearn_recall():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 7, 500)
   predictions = np.where(rng.random(500) < 0.6, labels, rng.integers(0, 7, 500))
-  acc = metrics.per_class_accuracy(predictions, labels, 7)
+  report = metrics.classification_report(
+    *counts_of(predictions, labels, 7), [300, 200, 100, 50, 20, 10, 5]
+  )
   expected = skm.recall_score(labels, predictions, average=None, labels=range(7))
-  np.testing.assert_allclose(acc, expected, rtol=1e-12)
-  # Balanced test set: mean per-class accuracy == balanced accuracy.
-  assert np.mean(acc) == pytest.approx(skm.balanced_accuracy_score(labels, predictions))
+  np.testing.assert_allclose(report["per_class"], expected, rtol=1e-12)
+  assert report["overall"] == pytest.approx(skm.accuracy_score(labels, predictions))
+  assert report["test_counts"] == np.bincount(labels, minlength=7).tolist()
 
 
-def test_per_class_accuracy_errors():
-  with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
-    metrics.per_class_accuracy([0, 1], [0, 3], 3)
-  with pytest.raises(ValueError, match="logits"):
-    metrics.per_class_accuracy(np.zeros((2, 2, 2)), [0, 1], 2)
+def test_classification_report_errors():
+  with pytest.raises(ValueError, match="one length"):
+    metrics.classification_report([1, 1], [2, 2], [5, 5, 5])
+  with pytest.raises(ValueError, match="exceeds"):
+    metrics.classification_report([3, 1], [2, 2], [5, 5])
+  report = metrics.classification_report([0, 0], [0, 0], [5, 5])
+  assert np.isnan(report["overall"]) and report["per_class"] == [None, None]
 
 
 # ---------------------------------------------------- Many / Medium / Few
@@ -101,8 +89,8 @@ def test_split_accuracy_end_to_end_on_cifar100_lt_profile():
   rng = np.random.default_rng(1)
   labels = np.repeat(np.arange(100), 100)  # balanced test set
   predictions = np.where(rng.random(labels.size) < 0.5, labels, 0)
-  acc = metrics.per_class_accuracy(predictions, labels, 100)
-  result = metrics.split_accuracy(acc, counts)
+  correct, total = counts_of(predictions, labels, 100)
+  result = metrics.split_accuracy(correct / total, counts)
   for split, mask in splits.items():
     assert result[split] == pytest.approx(
       np.mean(predictions[mask[labels]] == labels[mask[labels]])

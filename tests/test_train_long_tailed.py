@@ -124,9 +124,9 @@ def test_learning_rate_schedules():
 def test_classification_report_by_hand():
   # 4 classes with 150, 60, 10, 3 training images: Many {0}, Medium {1},
   # Few {2, 3}; class 3 has no test example.
-  labels = [0, 0, 0, 0, 1, 1, 2, 2, 2]
-  preds = [0, 0, 0, 1, 1, 0, 2, 3, 3]
-  report = metrics.classification_report(preds, labels, [150, 60, 10, 3])
+  # Right on 3 of 4 test images of class 0, 1 of 2 of class 1, 1 of 3 of class 2.
+  correct, total = [3, 1, 1, 0], [4, 2, 3, 0]
+  report = metrics.classification_report(correct, total, [150, 60, 10, 3])
   assert report["overall"] == pytest.approx(5 / 9)
   assert report["per_class"][:3] == pytest.approx([0.75, 0.5, 1 / 3])
   assert report["per_class"][3] is None
@@ -137,7 +137,7 @@ def test_classification_report_by_hand():
   assert report["split_classes"] == {"many": [0], "medium": [1], "few": [2, 3]}
   # Custom thresholds, and an empty split is None.
   report = metrics.classification_report(
-    preds, labels, [150, 60, 10, 3], many_threshold=5, few_threshold=2
+    correct, total, [150, 60, 10, 3], many_threshold=5, few_threshold=2
   )
   assert report["many"] == pytest.approx((0.75 + 0.5 + 1 / 3) / 3)
   assert report["medium"] is None and report["few"] is None

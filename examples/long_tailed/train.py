@@ -611,35 +611,6 @@ def checkpoint_due(config: Config, step: int, steps_per_epoch: int) -> bool:
   )
 
 
-def count_report(
-  counts: np.ndarray,
-  train_counts: np.ndarray,
-  *,
-  many_threshold: int,
-  few_threshold: int,
-) -> dict[str, Any]:
-  """:func:`shared.metrics.classification_report` from per-class counts.
-
-  ``counts``: ``(2, C)`` correct predictions and test images of each class.
-
-  >>> r = count_report(np.array([[2, 1, 1], [2, 1, 3]]), np.array([200, 50, 5]),
-  ...                  many_threshold=100, few_threshold=20)
-  >>> r["overall"], r["many"], r["medium"], r["few"], r["test_counts"]
-  (0.666..., 1.0, 1.0, 0.333..., [2, 1, 3])
-  """
-  correct, total = counts
-  per_class = np.where(total > 0, correct / np.maximum(total, 1), np.nan)
-  thresholds = dict(many_threshold=many_threshold, few_threshold=few_threshold)
-  masks = metrics.class_splits(train_counts, **thresholds)
-  return {
-    "overall": float(correct.sum() / total.sum()),
-    **metrics.split_accuracy(per_class, train_counts, **thresholds),
-    "per_class": [None if np.isnan(a) else float(a) for a in per_class],
-    "test_counts": total.tolist(),
-    "split_classes": {k: np.flatnonzero(m).tolist() for k, m in masks.items()},
-  }
-
-
 def metrics_log(path: Path, resume_step: int) -> runner.MetricsLog:
   """The run's CSV log; resuming at ``resume_step`` drops the rows of later steps
   (written before an interruption, they are written again)."""
@@ -732,8 +703,8 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
   eta = cell.setting.get("eta")
   return {
     "optimizer": "sgd" if cell.method == "base" else cell.method,
-    **count_report(
-      counts,
+    **metrics.classification_report(
+      *counts,
       exp.train_counts,
       many_threshold=config.many_threshold,
       few_threshold=config.few_threshold,

@@ -1,6 +1,6 @@
 """Evaluation metrics of the example applications, as small NumPy functions.
 
-Accuracy, per-class accuracy and its Many / Medium / Few breakdown (by *training*
+Per-class accuracy from counts and its Many / Medium / Few breakdown (by *training*
 class counts) for long-tailed classification; AUROC and ROC curves, ties counted as
 half (as ``sklearn.metrics.roc_auc_score``), for anomaly detection.
 """
@@ -15,47 +15,6 @@ import numpy as np
 #: Many > 100, Medium 20..100, Few < 20.
 MANY_THRESHOLD = 100
 FEW_THRESHOLD = 20
-
-
-def _classes_and_labels(predictions: Any, labels: Any) -> tuple[np.ndarray, ...]:
-  """Predicted classes (from indices ``(N,)`` or logits ``(N, C)``) and labels."""
-  pred, labels = np.asarray(predictions), np.asarray(labels)
-  if pred.ndim == 2:
-    pred = pred.argmax(axis=-1)
-  elif pred.ndim != 1:
-    raise ValueError(
-      f"predictions must be indices (N,) or logits (N, C), got {pred.shape}."
-    )
-  if pred.shape != labels.shape:
-    raise ValueError(f"predictions {pred.shape} and labels {labels.shape} differ.")
-  return pred, labels
-
-
-def accuracy(predictions: Any, labels: Any) -> float:
-  """Top-1 accuracy of class indices ``(N,)`` or logits ``(N, C)``; NaN if ``N = 0``.
-
-  >>> accuracy([0, 1, 1, 2], [0, 1, 2, 2])
-  0.75
-  """
-  predictions, labels = _classes_and_labels(predictions, labels)
-  return float(np.mean(predictions == labels)) if labels.size else float("nan")
-
-
-def per_class_accuracy(predictions: Any, labels: Any, num_classes: int) -> np.ndarray:
-  """Accuracy on the test examples of each class (its recall); NaN for none.
-
-  .. math::
-    a_c = |\\{i : y_i = c,\\ \\hat y_i = c\\}| \\ / \\ |\\{i : y_i = c\\}|
-
-  >>> per_class_accuracy([0, 1, 1, 0], [0, 1, 0, 0], num_classes=3).tolist()
-  [0.6666666666666666, 1.0, nan]
-  """
-  predictions, labels = _classes_and_labels(predictions, labels)
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"labels must lie in [0, {num_classes}).")
-  total = np.bincount(labels, minlength=num_classes)
-  correct = np.bincount(labels[predictions == labels], minlength=num_classes)
-  return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 
 def class_splits(
@@ -159,31 +118,45 @@ def roc_curve(scores: Any, is_anomaly: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def classification_report(
-  predictions: Any,
-  labels: Any,
+  correct: Any,
+  total: Any,
   train_counts: Any,
   *,
   many_threshold: int = MANY_THRESHOLD,
   few_threshold: int = FEW_THRESHOLD,
 ) -> dict[str, Any]:
-  """Overall, Many/Medium/Few and per-class test accuracy, JSON-ready.
+  """Overall, Many/Medium/Few and per-class test accuracy from per-class counts.
 
-  Keys: ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (``None`` for a
-  class without test images), ``test_counts`` and ``split_classes`` (class indices).
+  ``correct[c]`` of the ``total[c]`` test images of class ``c`` are classified
+  right (counts add up over batches, devices and processes). A class's accuracy is
+  its recall,
 
-  >>> r = classification_report([0, 0, 1, 1, 2, 0], [0, 0, 1, 2, 2, 2],
-  ...                           [200, 50, 5])
-  >>> r["overall"], r["many"], r["medium"], r["few"]
-  (0.666..., 1.0, 1.0, 0.333...)
+  .. math::
+    a_c = |\\{i : y_i = c,\\ \\hat y_i = c\\}| \\ / \\ |\\{i : y_i = c\\}|
+
+  Keys: ``overall``, ``many``, ``medium``, ``few`` (:func:`split_accuracy`),
+  ``per_class`` (``None`` for a class without test images), ``test_counts`` and
+  ``split_classes`` (class indices), JSON-ready.
+
+  >>> r = classification_report([2, 1, 1], [2, 1, 3], [200, 50, 5])
+  >>> r["overall"], r["many"], r["medium"], r["few"], r["test_counts"]
+  (0.666..., 1.0, 1.0, 0.333..., [2, 1, 3])
   """
-  counts = np.asarray(train_counts)
+  correct, total, counts = (np.asarray(a) for a in (correct, total, train_counts))
+  if not correct.shape == total.shape == counts.shape or counts.ndim != 1:
+    raise ValueError(
+      f"correct {correct.shape}, total {total.shape} and train_counts"
+      f" {counts.shape} must be per-class vectors of one length."
+    )
+  if np.any(correct > total):
+    raise ValueError("correct exceeds total for some class.")
   thresholds = dict(many_threshold=many_threshold, few_threshold=few_threshold)
-  per_class = per_class_accuracy(predictions, labels, len(counts))
+  per_class = np.where(total > 0, correct / np.maximum(total, 1), np.nan)
   masks = class_splits(counts, **thresholds)
   return {
-    "overall": accuracy(predictions, labels),
+    "overall": float(correct.sum() / total.sum()) if total.sum() else float("nan"),
     **split_accuracy(per_class, counts, **thresholds),
     "per_class": [None if np.isnan(a) else float(a) for a in per_class],
-    "test_counts": np.bincount(np.asarray(labels), minlength=len(counts)).tolist(),
+    "test_counts": total.tolist(),
     "split_classes": {k: np.flatnonzero(m).tolist() for k, m in masks.items()},
   }
