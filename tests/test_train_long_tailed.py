@@ -572,6 +572,15 @@ def test_streamed_list_dataset(streamed):
   assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [9, 10]
 
 
+def test_sharpness_study_refuses_streamed_runs(streamed):
+  """The study measures training sets held in memory: one clear error."""
+  from sharpness_study import study
+
+  out, _ = streamed
+  with pytest.raises(ValueError, match="streamed; the study measures in-memory"):
+    study.main(["--runs", str(out), "--no-progress"])
+
+
 def test_step_checkpoint_resume_mid_epoch_is_exact(
   streamed, list_spec, tmp_path, monkeypatch
 ):

@@ -16,11 +16,9 @@ loss restricted to those examples,
 with :mod:`imbsam_jax.sharpness`: the top Hessian eigenvalue (power iteration)
 and the Hessian trace (Hutchinson, with its standard error). ``ell`` is the data
 loss the run trained with, on the un-augmented training images (weight decay
-would add the same constant to every class). Every subset is cut into batches
-of one shape (the last padded with weight-0 copies), so the Hessian-vector
-product compiles once per run; start vectors and probes depend on
-``--probe-seed`` and the subset only, so every run is measured with the same
-random numbers.
+would add the same constant to every class). Start vectors and probes depend on
+``--probe-seed`` and the subset only: every run is measured with the same random
+numbers.
 
 Outputs in ``--out`` (default: the runs directory): ``sharpness.json``
 (``{"config", "runs"}``, one run per trained run with ``per_class`` and
@@ -137,33 +135,27 @@ def _weighted_loss_sum(loss_fn, params, batch, weights):
   return jnp.sum(weights * loss_fn(params, batch).astype(jnp.float32))
 
 
+def _batches(inputs, labels, indices, batch_size, mesh):
+  """``(batch, weights)`` of the examples ``indices`` in batches of one shape, the
+  last padded with weight-0 copies, so the Hessian-vector product compiles once."""
+  padded = np.resize(indices, (-(-indices.size // batch_size), batch_size))
+  weights = np.arange(padded.size).reshape(padded.shape) < indices.size
+  return [
+    training.shard_batch(({"image": inputs[rows], "label": labels[rows]}, w), mesh)
+    for rows, w in zip(padded, weights.astype(np.float32), strict=True)
+  ]
+
+
 def measure_subset(
   loss_fn: sharpness.LossFn,
   params: Any,
-  inputs: np.ndarray,
-  labels: np.ndarray,
-  indices: np.ndarray,
+  batches: sharpness.Batches,
+  num_examples: int,
   config: Config,
-  *,
   key: jax.Array,
-  batch_size: int,
-  mesh: Mesh,
 ) -> dict[str, Any]:
-  """Loss, top Hessian eigenvalue and Hessian trace of one subset's mean loss.
-
-  The subset is cut into batches of one shape, the last padded with weight-0
-  copies of its own examples, so the Hessian-vector product compiles once.
-  """
-  padded = np.resize(indices, -(-indices.size // batch_size) * batch_size)
-  weights = (np.arange(padded.size) < indices.size).astype(np.float32)
-  batches = [
-    training.shard_batch(({"image": inputs[rows], "label": labels[rows]}, w), mesh)
-    for rows, w in zip(
-      np.split(padded, padded.size // batch_size),
-      np.split(weights, padded.size // batch_size),
-      strict=True,
-    )
-  ]
+  """Loss, top Hessian eigenvalue and Hessian trace of the mean loss of the
+  ``num_examples`` examples of :func:`_batches`."""
   loss = sum(float(_weighted_loss_sum(loss_fn, params, b, w)) for b, w in batches)
   eigen_key, trace_key = jax.random.split(key)
   top = sharpness.top_hessian_eigenvalue(
@@ -178,8 +170,8 @@ def measure_subset(
     loss_fn, params, batches, key=trace_key, num_probes=config.num_probes
   )
   return {
-    "num_examples": int(indices.size),
-    "loss": loss / indices.size,
+    "num_examples": int(num_examples),
+    "loss": loss / num_examples,
     "top_eigenvalue": top.eigenvalue,
     "eigen_converged": top.converged,
     "eigen_iterations": top.num_iters,
@@ -203,9 +195,8 @@ def measure_classes(
   """:func:`measure_subset` of every class and of the head and tail groups.
 
   Subset ``s`` (class ``c``, or head / tail as ``C`` / ``C + 1``) uses
-  ``fold_in(key(config.probe_seed), s)``: every model is measured with the same
-  start vectors and probes. All subsets share one batch shape: ``batch_size``
-  rounded up to the device count, capped at the largest subset.
+  ``fold_in(key(config.probe_seed), s)``. All subsets share one batch shape:
+  ``batch_size`` rounded up to the device count, capped at the largest subset.
 
   Returns:
     ``(per_class, groups)``: per class ``class``, ``train_count`` and the
@@ -223,16 +214,9 @@ def measure_classes(
     results[name] = None
     on_subset(name)
     if indices.size:
+      batches = _batches(inputs, labels, indices, rows, mesh)
       results[name] = measure_subset(
-        loss_fn,
-        params,
-        inputs,
-        labels,
-        indices,
-        config,
-        key=jax.random.fold_in(key, index),
-        batch_size=rows,
-        mesh=mesh,
+        loss_fn, params, batches, indices.size, config, jax.random.fold_in(key, index)
       )
   empty = {"num_examples": 0, **dict.fromkeys(_VALUES)}
   per_class = [
@@ -240,11 +224,10 @@ def measure_classes(
     for c, n in enumerate(counts)
   ]
   tail = imbsam_jax.tail_classes(counts, eta)
-  members = {
-    "head": np.flatnonzero(~tail).tolist(),
-    "tail": np.flatnonzero(tail).tolist(),
+  groups = {
+    g: results[g] and {"classes": np.flatnonzero(m).tolist(), **results[g]}
+    for g, m in zip(GROUPS, (~tail, tail), strict=True)
   }
-  groups = {g: results[g] and {"classes": members[g], **results[g]} for g in GROUPS}
   return per_class, groups
 
 
@@ -253,12 +236,12 @@ def load_runs(
 ) -> tuple[list[dict[str, Any]], float]:
   """The runs of ``runs_dir/results.json`` (of some optimizers only) and the
   experiment's first eta; raises ``FileNotFoundError`` / ``ValueError``."""
-  path, first = (
-    Path(runs_dir) / report.RESULTS_FILE,
-    f"run examples/train_long_tailed.py --out {runs_dir} first",
-  )
+  path = Path(runs_dir) / report.RESULTS_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"No {report.RESULTS_FILE} in {runs_dir}: {first}.")
+    raise FileNotFoundError(
+      f"No {report.RESULTS_FILE} in {runs_dir}: run examples/train_long_tailed.py"
+      f" --out {runs_dir} first."
+    )
   results = json.loads(path.read_text())
   present = list(dict.fromkeys(r["optimizer"] for r in results["runs"]))
   missing = [o for o in optimizers or () if o not in present]
@@ -281,14 +264,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     " the training loss of the runs of examples/train_long_tailed.py.",
   )
   saved, first_eta = load_runs(config.runs, config.optimizer)
-  # The run's eta splits head and tail; the experiment's first for SGD and SAM.
-  etas = [first_eta if r.get("eta") is None else r["eta"] for r in saved]
   restored = [long_tailed.restore(run, config.runs) for run in saved]
+  if any(r.inputs is None for r in restored):
+    dataset = saved[0]["config"]["dataset"]
+    raise ValueError(
+      f"--runs: {dataset} is streamed; the study measures in-memory datasets only"
+    )
   total = sum(len(r.experiment.train_counts) + len(GROUPS) for r in restored)
+  keys = ("optimizer", "method", "seed", *long_tailed.USES["imbsam"])
   started, runs = time.perf_counter(), []
   with runner.progress_bar(total, "subset", config.progress) as bar:
-    for run, done, eta in zip(saved, restored, etas, strict=True):
+    for run, done in zip(saved, restored, strict=True):
       bar.set_description(f"{run['optimizer']} seed {run['seed']}")
+      # The run's eta splits head and tail; the experiment's first for SGD and SAM.
+      eta = first_eta if run.get("eta") is None else run["eta"]
       exp, start = done.experiment, time.perf_counter()
       per_class, groups = measure_classes(
         done.loss_fn,
@@ -301,7 +290,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mesh=exp.mesh,
         on_subset=lambda name: bar.update(1),
       )
-      keys = ("optimizer", "method", "seed", *long_tailed.USES["imbsam"])
       runs.append(
         {
           **{k: run.get(k) for k in keys},
@@ -340,10 +328,11 @@ def _grouped(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, A
   return grouped
 
 
-def _per_class(runs: Sequence[Mapping[str, Any]], measure: str) -> np.ndarray:
-  """``(runs, C)`` values of ``measure``, NaN where missing."""
-  values = [[e[measure] for e in r["per_class"]] for r in runs]
-  return np.array(values, dtype=float)  # None -> nan
+def _values(runs: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+  """``(runs, C + 2)`` values of ``key``: per class, then of the head and tail
+  groups; NaN where missing."""
+  entries = [[*r["per_class"], *map(r["groups"].get, GROUPS)] for r in runs]
+  return np.array([[e and e[key] for e in row] for row in entries], dtype=float)
 
 
 def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
@@ -352,69 +341,52 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
   groups (their own loss). ``*``: the power iteration did not converge somewhere.
   """
   config, counts, eta = runs[0]["config"], runs[0]["train_counts"], runs[0]["tail_eta"]
-  grouped = _grouped(runs)
-  rows = [["class", "images", *(f"{m} {n}" for m in ("eig", "trace") for n in grouped)]]
-
-  def cells(select: Callable[[list], tuple[float, bool]]) -> list[str]:
-    out = []
-    for measure in _MEASURES:
-      for members in grouped.values():
-        value, ok = select([(r, measure) for r in members])
-        star = "" if ok or measure == "trace" else "*"
-        out.append("-" if np.isnan(value) else f"{value:.4g}{star}")
-    return out
-
-  def classes(mask: np.ndarray) -> Callable[[list], tuple[float, bool]]:
-    def select(pairs: list) -> tuple[float, bool]:
-      values = np.stack([_per_class([r], m)[0][mask] for r, m in pairs])
-      with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        value = np.nanmean(np.nanmean(values, axis=0)) if values.size else np.nan
-      converged = [
-        e["eigen_converged"] for r, _ in pairs for e in np.array(r["per_class"])[mask]
-      ]
-      return value, False not in converged
-
-    return select
-
-  def group(name: str) -> Callable[[list], tuple[float, bool]]:
-    def select(pairs: list) -> tuple[float, bool]:
-      entries = [r["groups"][name] for r, _ in pairs]
-      if None in entries:
-        return np.nan, True
-      value = float(np.mean([e[m] for e, (_, m) in zip(entries, pairs, strict=True)]))
-      return value, all(e["eigen_converged"] for e in entries)
-
-    return select
-
-  index = np.arange(len(counts))
-  for c, name in enumerate(config["class_names"]):
-    rows.append([str(name), str(counts[c]), *cells(classes(index == c))])
   many, few = config["many_threshold"], config["few_threshold"]
   splits = metrics_lib.class_splits(counts, many_threshold=many, few_threshold=few)
   bounds = {"many": f">{many}", "medium": f"{few}-{many}", "few": f"<{few}"}
-  for split, mask in splits.items():
-    rows.append(
-      [f"{split.capitalize()} ({mask.sum()})", bounds[split], *cells(classes(mask))]
-    )
-  rows.append(["head group", f">={eta:g}", *cells(group("head"))])
-  rows.append(["tail group", f"<{eta:g}", *cells(group("tail"))])
-  errors = [
-    e["trace_stderr"] / abs(e["trace"])
-    for r in runs
-    for e in [*r["per_class"], *filter(None, r["groups"].values())]
-    if e["trace_stderr"] is not None and e["trace"]
+  # Each row: its two labels and the columns of _values it averages.
+  rows = [
+    (str(name), str(counts[c]), [c]) for c, name in enumerate(config["class_names"])
   ]
+  rows += [
+    (f"{split.capitalize()} ({mask.sum()})", bounds[split], np.flatnonzero(mask))
+    for split, mask in splits.items()
+  ]
+  rows += [
+    ("head group", f">={eta:g}", [len(counts)]),
+    ("tail group", f"<{eta:g}", [len(counts) + 1]),
+  ]
+  grouped = _grouped(runs)
+  columns = [
+    (measure, _values(members, measure), _values(members, "eigen_converged") == 0)
+    for measure in _MEASURES
+    for members in grouped.values()
+  ]
+  table = [
+    ["class", "images", *(f"{m} {n}" for m in ("eig", "trace") for n in grouped)]
+  ]
+  for name, images, selected in rows:
+    cells = []
+    for measure, values, failed in columns:
+      with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no class with a value
+        value = np.nanmean(np.nanmean(values[:, selected], axis=0))
+      star = "*" if measure != "trace" and failed[:, selected].any() else ""
+      cells.append("-" if np.isnan(value) else f"{value:.4g}{star}")
+    table.append([name, images, *cells])
+  stderr, trace = _values(runs, "trace_stderr"), _values(runs, "trace")
+  known = ~np.isnan(stderr) & (trace != 0)
+  errors = stderr[known] / np.abs(trace[known])
   seeds = ",".join(map(str, sorted({r["seed"] for r in runs})))
   lines = [
     "Hessian of each class's training loss at the last epoch (eig: top eigenvalue):"
     f" {config['dataset_name']}, {config['model']}, loss {config['loss']}; mean over"
     f" seeds {seeds}",
-    report.text_table(rows),
+    report.text_table(table),
     "Many/Medium/Few: mean of their classes; head/tail group: the group's own loss"
     f" (tail: fewer than eta = {eta:g} images).",
   ]
-  if errors:
+  if errors.size:
     median, largest = np.median(errors), np.max(errors)
     lines.append(f"Trace standard errors: median {median:.1%}, max {largest:.1%}.")
   return "\n".join(lines)
@@ -423,10 +395,10 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
 def plot_results(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
   """Per-class top eigenvalue and trace against training count (two panels)."""
   config, eta, grouped = runs[0]["config"], runs[0]["tail_eta"], _grouped(runs)
+  thresholds = {f"tail < eta = {eta:g}": eta}
   figure = plots.figure(11.0, 4.2)
   for ax, measure in zip(figure.subplots(1, 2), _MEASURES, strict=True):
-    values = {n: _per_class(members, measure) for n, members in grouped.items()}
-    thresholds = {f"tail < eta = {eta:g}": eta}
+    values = {n: _values(m, measure)[:, : -len(GROUPS)] for n, m in grouped.items()}
     if plots.draw_per_class(ax, runs[0]["train_counts"], values, thresholds=thresholds):
       ax.set_yscale("log")
     ax.set_ylabel(f"{measure.replace('_', ' ')} of the class loss's Hessian")
