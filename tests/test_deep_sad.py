@@ -288,6 +288,7 @@ def test_grid_names_and_aliases():
     (["--labeled-anomaly-ratio", "0.6", "--labeled-normal-ratio", "0.5"], "below 1"),
     (["--base-optimizer", "lion"], "--base-optimizer: 'lion' is not one of"),
     (["--known-anomaly-classes", "x"], "--known-anomaly-classes: expected"),
+    (["--known-anomaly-classes", "1,,2"], "--known-anomaly-classes: expected"),
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
   ],
 )
@@ -362,3 +363,25 @@ def test_experiment_is_deterministic_and_pretrains(tmp_path):
     c for c in range(10) if c != 2
   ]
   assert first["config"]["pretrain_epochs"] == 1
+
+
+def test_diverged_run_is_recorded_not_fatal(tmp_path, capsys):
+  """Non-finite scores and loss: the run's auroc and final_loss are null in
+  results.json (strict JSON) and the table says the run failed."""
+  argv = [
+    "--normal-class", "0",
+    "--seed", "0",
+    "--optimizer", "base",
+    "--base-optimizer", "sgd",
+    "--lr", "1e8",
+    "--epochs", "1",
+    "--features", ",".join(map(str, FEATURES)),
+    "--rep-dim", str(REP_DIM),
+    "--no-progress",
+    "--out", str(tmp_path),
+  ]  # fmt: skip
+  (run,) = deep_sad.main(argv)["runs"]
+  assert run["auroc"] is None and run["final_loss"] is None
+  saved = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+  assert saved["auroc"] is None and saved["final_loss"] is None
+  assert "(1 failed)" in capsys.readouterr().out

@@ -13,8 +13,6 @@ import dataclasses
 from shared import data, models, runner
 from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, option
 
-BASE_OPTIMIZERS = ("adam", "sgd")
-
 
 def dataset_spec(text: str) -> str:
   data.check_spec(text)
@@ -25,7 +23,7 @@ def class_list(text: str) -> str:
   """``--known-anomaly-classes``: random, all, or comma-separated classes."""
   if text not in ("random", "all"):
     try:
-      [int(c) for c in text.split(",") if c.strip()]
+      [int(c) for c in text.split(",")]
     except ValueError:
       raise ValueError(f"expected random, all or class indices, got {text!r}") from None
   return text
@@ -83,7 +81,7 @@ class Config:
     choices=runner.METHODS,
     parse=runner.method_name,
   )
-  base_optimizer: str = option("adam", "the base optimizer", choices=BASE_OPTIMIZERS)
+  base_optimizer: str = option("adam", "the base optimizer", choices=("adam", "sgd"))
   rho: tuple[float, ...] = option(
     (0.01,), "SAM / ImbSAM perturbation radius", check=NON_NEGATIVE, sweep=True
   )

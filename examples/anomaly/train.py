@@ -1,24 +1,20 @@
 """Deep SAD (semi-supervised anomaly detection) with Adam/SGD, SAM and ImbSAM.
 
-Deep SAD (Ruff et al., ICLR 2020) trains a bias-free encoder ``phi`` so that normal
-data lies close to a fixed centre ``c`` and labeled anomalies far from it; the
-anomaly score is ``d = ||phi(x) - c||^2``. ImbSAM's tail is the labeled anomalies
-(:func:`imbsam_jax.labeled_anomaly_mask`). ``examples/train_anomaly.py`` runs
-:func:`main`: for every normal class, labeled-anomaly ratio, pollution and seed it
-draws the training set and the initial encoder once, trains each method from them
-on the same batches (a paired comparison), scores the whole test split (the
-normal class negative, every other class positive) and writes
-``OUT/results.json`` (``auroc`` per run), ``OUT/roc.png`` and ``OUT/metrics/``.
-
-Reference: Ruff et al., Deep Semi-Supervised Anomaly Detection, ICLR 2020
-(github.com/lukasruff/Deep-SAD-PyTorch).
+Deep SAD (Ruff et al., ICLR 2020, github.com/lukasruff/Deep-SAD-PyTorch) trains a
+bias-free encoder ``phi`` so that normal data lies close to a fixed centre ``c`` and
+labeled anomalies far from it; the anomaly score is ``d = ||phi(x) - c||^2``.
+ImbSAM's tail is the labeled anomalies (:func:`imbsam_jax.labeled_anomaly_mask`).
+:func:`main` draws the training set and initial encoder once per normal class,
+labeled-anomaly ratio, pollution and seed, trains each method from them on the same
+batches (a paired comparison), scores the whole test split (the normal class
+negative, every other class positive) and writes ``OUT/results.json`` (``auroc``
+per run), ``OUT/roc.png`` and ``OUT/metrics/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -156,14 +152,8 @@ def make_semi_supervised(
     )
   unlabeled = rng.permutation(pool)[: counts.unlabeled_anomaly]
   index = np.concatenate([rng.permutation(normal), unlabeled, labeled])
-  labels = np.repeat(
-    [LABELED_NORMAL, UNLABELED, LABELED_ANOMALY],
-    [
-      counts.labeled_normal,
-      counts.unlabeled_normal + counts.unlabeled_anomaly,
-      len(labeled),
-    ],
-  ).astype(np.int32)
+  kinds = [LABELED_NORMAL, UNLABELED, UNLABELED, LABELED_ANOMALY]  # as in counts
+  labels = np.repeat(kinds, counts).astype(np.int32)
   return SemiSupervisedData(
     np.asarray(x)[index], labels, y[index].astype(np.int32), counts, known
   )
@@ -236,39 +226,32 @@ def reconstruction_loss(model: nnx.Module, batch: Mapping[str, jax.Array]):
   return jnp.mean(jnp.square(model(x) - x), axis=tuple(range(1, x.ndim))), {}
 
 
-def _eval_mode(
-  model: DeepSAD, which: str, images: np.ndarray, batch_size: int
-) -> np.ndarray:
-  """``encoder`` features or ``scores`` of ``images`` with the model in eval mode."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(graphdef: nnx.GraphDef, encoder: bool, state: nnx.State, images: jax.Array):
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return (model.encoder if encoder else model)(data.to_float(images))
+
+
+def _eval_mode(model: DeepSAD, images: np.ndarray, batch_size: int, encoder: bool):
+  """The eval-mode ``encoder`` features or scores of ``images``, as NumPy."""
   graphdef, state = nnx.split(model)
-  fn = _eval_fn(graphdef, which)
-  mesh = training.data_parallel_mesh()
-  return training.evaluate(lambda x: fn(state, x), images, batch_size, mesh)
-
-
-@functools.cache
-def _eval_fn(graphdef: nnx.GraphDef, which: str) -> Callable:
-  def apply(state: nnx.State, images: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, state)
-    model.eval()
-    fn = model.encoder if which == "encoder" else model
-    return fn(data.to_float(images))
-
-  return jax.jit(apply)
+  fn = functools.partial(_apply, graphdef, encoder, state)  # one compile per graphdef
+  return training.evaluate(fn, images, batch_size, training.data_parallel_mesh())
 
 
 def compute_center(
   model: DeepSAD, images: np.ndarray, *, batch_size: int = 512, eps: float = CENTER_EPS
 ) -> jax.Array:
   """:func:`center_from_features` of the eval-mode encoder over ``images``."""
-  return center_from_features(_eval_mode(model, "encoder", images, batch_size), eps)
+  return center_from_features(_eval_mode(model, images, batch_size, True), eps)
 
 
 def anomaly_scores(
   model: DeepSAD, images: np.ndarray, *, batch_size: int = 512
 ) -> np.ndarray:
   """Anomaly scores ``||phi(x) - c||^2`` (eval mode), as a NumPy array."""
-  return _eval_mode(model, "scores", images, batch_size)
+  return _eval_mode(model, images, batch_size, False)
 
 
 def base_optimizer(config: Config) -> optax.GradientTransformation:
@@ -304,12 +287,9 @@ def _train_step(
     mask_fn = functools.partial(imbsam_jax.labeled_anomaly_mask)
     mask_fn.tail_fraction = tail_fraction  # what tail_capacity="auto" reads
   capacity = "auto" if path == "gathered" else None
+  base = base_optimizer(config)
   tx = training.make_optimizer(
-    method,
-    base_optimizer(config),
-    rho=rho,
-    tail_mask_fn=mask_fn,
-    tail_capacity=capacity,
+    method, base, rho=rho, tail_mask_fn=mask_fn, tail_capacity=capacity
   )
   step = training.make_train_step(
     graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn, path=path
@@ -332,9 +312,8 @@ def fit(
   log: runner.MetricsLog | None = None,
 ) -> tuple[nnx.Module, list[float]]:
   """Trains a copy of ``model`` (left untouched); returns it and each epoch's
-  mean loss. ``loss`` is ``deep_sad`` (with ``method``; ImbSAM's tail, the
-  labeled anomalies, are a share ``tail_fraction`` of the training set) or
-  ``ae`` (reconstruction)."""
+  mean loss. ``loss`` is ``deep_sad`` (with ``method``, see :func:`_train_step`)
+  or ``ae`` (reconstruction)."""
   model = nnx.clone(model)
   model.train()
   mesh = training.data_parallel_mesh()
@@ -355,14 +334,6 @@ def fit(
   return nnx.merge(graphdef, state.params, state.model_state), history
 
 
-class Draw(NamedTuple):
-  """What the methods of one (normal class, ratios, seed) share."""
-
-  train_data: SemiSupervisedData
-  model: DeepSAD
-  info: dict[str, Any]
-
-
 def known_classes(
   spec: str, normal_class: int, num_classes: int, seed: int
 ) -> tuple[int, ...]:
@@ -378,9 +349,11 @@ def known_classes(
   return known
 
 
-def make_draw(config: Config, dataset: data.Dataset, key: tuple) -> Draw:
-  """The training set and initial model (pretrained if asked) of the draw
-  ``key = (normal_class, labeled_anomaly_ratio, pollution, seed)``."""
+def make_draw(
+  config: Config, dataset: data.Dataset, key: tuple
+) -> tuple[SemiSupervisedData, DeepSAD, dict[str, Any]]:
+  """The training set, initial model (pretrained if asked) and data info shared
+  by the methods of ``key = (normal_class, labeled_anomaly_ratio, pollution, seed)``."""
   normal_class, ratio, pollution, seed = key
   known = known_classes(
     config.known_anomaly_classes, normal_class, dataset.num_classes, seed
@@ -404,9 +377,10 @@ def make_draw(config: Config, dataset: data.Dataset, key: tuple) -> Draw:
     rep_dim=config.rep_dim,
   )
   if config.pretrain_epochs:
+    # Pretrain an autoencoder (its reconstruction loss ignores the labels).
     ae = models.DeepSADAutoencoder(config.rep_dim, **kwargs, rngs=nnx.Rngs(seed))
-    dummy, epochs = np.zeros(len(train.x), np.int32), config.pretrain_epochs
-    ae, _ = fit(ae, train.x, dummy, config, epochs=epochs, seed=seed, loss="ae")
+    epochs = config.pretrain_epochs
+    ae, _ = fit(ae, train.x, train.labels, config, epochs=epochs, seed=seed, loss="ae")
     nnx.update(model.encoder, nnx.state(ae.encoder))  # BatchNorm statistics too
   model.center[...] = compute_center(model, train.x, batch_size=config.eval_batch_size)
   info = {
@@ -417,42 +391,42 @@ def make_draw(config: Config, dataset: data.Dataset, key: tuple) -> Draw:
     "num_test_anomalies": int((dataset.y_test != normal_class).sum()),
     "init_seconds": round(time.perf_counter() - start, 3),
   }
-  return Draw(train, model, info)
+  return train, model, info
 
 
 def train_and_evaluate(
   config: Config,
   dataset: data.Dataset,
+  draw: Callable[[tuple], tuple],
   curves: list,
-  draws: dict,
   cell: runner.Cell,
   bar: Any,
 ) -> dict[str, Any]:
-  """Trains one cell from its draw's initial model; returns its run entry.
-  ``draws`` keeps the last draw (the grid puts the cells that share it together)."""
+  """Trains one cell from its :func:`make_draw` (``draw(key)``); returns its run
+  entry and appends its ROC curve (None if a score is not finite) to ``curves``."""
   s = cell.setting
   key = (s["normal_class"], s["labeled_anomaly_ratio"], s["pollution"], cell.seed)
-  if key not in draws:
-    draws.clear()
-    draws[key] = make_draw(config, dataset, key)
-  draw, start = draws[key], time.perf_counter()
-  log = runner.MetricsLog(Path(config.out) / "metrics" / f"{cell.name}.csv")
-  train = (draw.model, draw.train_data.x, draw.train_data.labels, config)
+  train, model, info = draw(key)
+  start = time.perf_counter()
   trained, history = fit(
-    *train,
+    model,
+    train.x,
+    train.labels,
+    config,
     epochs=config.epochs,
     seed=cell.seed,
     method=cell.method,
     rho=s.get("rho", 0.0),
     tail_fraction=s["labeled_anomaly_ratio"],
-    log=log,
+    log=runner.MetricsLog(Path(config.out) / "metrics" / f"{cell.name}.csv"),
   )
   scores = anomaly_scores(trained, dataset.x_test, batch_size=config.eval_batch_size)
   is_anomaly = dataset.y_test != s["normal_class"]
-  auc = None
+  auc = curve = None
   if np.all(np.isfinite(scores)):
     auc = metrics.auroc(scores, is_anomaly)
-    curves.append((cell, metrics.roc_curve(scores, is_anomaly)))
+    curve = metrics.roc_curve(scores, is_anomaly)
+  curves.append(curve)
   bar.update(1)
   bar.set_postfix(auroc="not finite" if auc is None else f"{auc:.3f}")
   sweeps = {k: s.get(k) for k in options.sweep_values(config)}
@@ -461,7 +435,7 @@ def train_and_evaluate(
     "auroc": auc,
     "final_loss": history[-1],
     "train_seconds": round(time.perf_counter() - start, 3),
-    "data": draw.info,
+    "data": info,
     "config": {**options.to_json(config), **sweeps, "method": cell.method},
   }
 
@@ -470,25 +444,23 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
   """Test AUROC, mean ± std over seeds, normal classes x methods; the ``mean``
   row: each seed's mean over the classes, then mean and spread over seeds."""
   keys = report.varying(runs, ["rho"])
-  methods = list(dict.fromkeys(report.label(r, keys) for r in runs))
-  by: dict[tuple, list] = {}
-  for r in runs:
-    by.setdefault((report.label(r, keys), r["normal_class"]), []).append(r)
+  auroc = {
+    (report.label(r, keys), r["normal_class"], r["seed"]): r["auroc"] for r in runs
+  }
+  # The methods, normal classes and seeds, each in order of appearance.
+  methods, classes, seeds = (list(dict.fromkeys(k)) for k in zip(*auroc, strict=True))
   rows = [["normal class", *methods]]
-  for c in dict.fromkeys(r["normal_class"] for r in runs):
+  for c in classes:
     cells = []
     for m in methods:
-      values = [r["auroc"] for r in by[m, c]]
+      values = [auroc[m, c, s] for s in seeds]
       failed = f" ({values.count(None)} failed)" if None in values else ""
       cells.append(report.cell(report.mean_std(values), digits=3) + failed)
     rows.append([str(c), *cells])
   means = []
   for m in methods:
-    seeds: dict[int, list] = {}
-    for (label, _), members in by.items():
-      for r in members if label == m else ():
-        seeds.setdefault(r["seed"], []).append(r["auroc"])
-    seed_means = [None if None in v else float(np.mean(v)) for v in seeds.values()]
+    per_seed = [[auroc[m, c, s] for c in classes] for s in seeds]
+    seed_means = [None if None in v else float(np.mean(v)) for v in per_seed]
     means.append(report.cell(report.mean_std(seed_means), digits=3))
   return report.text_table([*rows, ["mean", *means]])
 
@@ -510,9 +482,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
   config = dataclasses.replace(config, normal_class=classes)
   sweeps, curves, start = options.sweep_values(config), [], time.perf_counter()
+  # The grid puts the cells that share a draw together: keep the last one.
+  draw = functools.lru_cache(maxsize=1)(functools.partial(make_draw, config, dataset))
   results = runner.run_grid(
     runner.grid(config.method, config.seed, sweeps, uses=USES),
-    functools.partial(train_and_evaluate, config, dataset, curves, {}),
+    functools.partial(train_and_evaluate, config, dataset, draw, curves),
     out=config.out,
     config=options.to_json(config),
     keys=list(sweeps),
@@ -520,39 +494,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress=config.progress,
   )
   runs, keys = results["runs"], report.varying(results["runs"], ["rho"])
-  settings = list(
-    dict.fromkeys((r["labeled_anomaly_ratio"], r["pollution"]) for r in runs)
-  )
+  settings: dict[tuple, list] = {}  # (gamma_l, pollution) -> [(run, ROC curve)]
+  for run, curve in zip(runs, curves, strict=True):
+    setting = (run["labeled_anomaly_ratio"], run["pollution"])
+    settings.setdefault(setting, []).append((run, curve))
   seeds = ",".join(map(str, config.seed))
-  for ratio, pollution in settings:
-    mine = [
-      r
-      for r in runs
-      if r["labeled_anomaly_ratio"] == ratio and r["pollution"] == pollution
-    ]
+  for (ratio, pollution), members in settings.items():
     print(
       f"\nDeep SAD on {config.dataset}, gamma_l {ratio:g}, pollution {pollution:g}:"
       f" test AUROC, mean ± std over seeds {seeds} (base {config.base_optimizer}"
-      f" lr {config.lr:g}, {config.epochs} epochs)\n{format_table(mine)}"
+      f" lr {config.lr:g}, {config.epochs} epochs)"
     )
+    print(format_table([run for run, _ in members]))
     panels: dict[str, dict[str, list]] = {}
-    for cell, curve in sorted(curves, key=lambda c: c[0].setting["normal_class"]):
-      s = cell.setting
-      if (s["labeled_anomaly_ratio"], s["pollution"]) == (ratio, pollution):
-        optimizer = config.base_optimizer if cell.method == "base" else cell.method
-        panel = panels.setdefault(f"normal class {s['normal_class']}", {})
-        panel.setdefault(report.label({"optimizer": optimizer, **s}, keys), []).append(
-          curve
-        )
-    name = (
-      "roc.png"
-      if len(settings) == 1
-      else f"roc_gamma_l{ratio:g}_pollution{pollution:g}.png"
-    )
+    for run, curve in sorted(members, key=lambda m: m[0]["normal_class"]):
+      if curve is not None:
+        panel = panels.setdefault(f"normal class {run['normal_class']}", {})
+        panel.setdefault(report.label(run, keys), []).append(curve)
+    suffix = "" if len(settings) == 1 else f"_gamma_l{ratio:g}_pollution{pollution:g}"
     if panels and runner.is_main_process():
       title = f"{config.dataset}: ROC, gamma_l {ratio:g}, pollution {pollution:g}"
-      plots.plot_roc_grid(panels, Path(config.out) / name, title=title)
+      plots.plot_roc_grid(panels, Path(config.out) / f"roc{suffix}.png", title=title)
   print(
     f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; wrote {config.out}/"
   )
-  return json.loads(json.dumps(results))
+  return report.as_json(results)

@@ -43,7 +43,6 @@ import csv
 import dataclasses
 import functools
 import itertools
-import json
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -843,7 +842,7 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
     paths = plot_results(results, Path(config.out))
     names = ", ".join(p.name for p in paths)
     log(f"\nWrote {config.out}/: {report.RESULTS_FILE}, {names}")
-  return json.loads(json.dumps(results))
+  return report.as_json(results)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

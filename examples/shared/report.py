@@ -31,12 +31,34 @@ import numpy as np
 RESULTS_FILE = "results.json"
 
 
+def finite(content: Any) -> Any:
+  """``content`` with NaN and infinite floats (e.g. of a diverged run) as ``None``.
+
+  >>> finite({"loss": [1.5, float("nan")], "auroc": float("inf"), "n": 3})
+  {'loss': [1.5, None], 'auroc': None, 'n': 3}
+  """
+  if isinstance(content, float):
+    return content if math.isfinite(content) else None
+  if isinstance(content, Mapping):
+    return {k: finite(v) for k, v in content.items()}
+  if isinstance(content, list | tuple):
+    return [finite(v) for v in content]
+  return content
+
+
+def as_json(content: Any) -> Any:
+  """``content`` as it reads back from :func:`write_json` (tuples as lists, NaN as
+  ``None``): what the applications' ``main`` returns."""
+  return json.loads(json.dumps(finite(content)))
+
+
 def write_json(path: str | Path, content: Any) -> Path:
-  """Writes strict JSON atomically (a temporary file renamed into place)."""
+  """Writes strict JSON atomically (a temporary file renamed into place); NaN and
+  infinities become ``null`` (:func:`finite`)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(content, indent=1, allow_nan=False) + "\n")
+  tmp.write_text(json.dumps(finite(content), indent=1, allow_nan=False) + "\n")
   tmp.replace(path)
   return path
 

@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot = plot_results(runs, out / PLOT_FILE)
     print(f"\n{format_table(runs)}\n\n{len(runs)} runs in {elapsed:.1f} s;")
     print(f"wrote {out / RESULTS_FILE} and {plot}")
-  return json.loads(json.dumps(results))
+  return report.as_json(results)
 
 
 # -------------------------------------------------------------- reporting
