@@ -30,6 +30,7 @@ _DOWNLOAD_HOSTS = {  # TFDS name -> (scheme, host) of its download; default: GCS
   "fashion_mnist": ("http", "fashion-mnist.s3-website.eu-central-1.amazonaws.com"),
 }
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_SPECS = (*_DIGITS, *_TFDS, "folder:PATH", "npz:FILE")  # the specs load_dataset takes
 
 
 class Dataset(NamedTuple):
@@ -52,11 +53,6 @@ class Dataset(NamedTuple):
     )
 
 
-def valid_specs() -> tuple[str, ...]:
-  """The dataset specs :func:`load_dataset` accepts."""
-  return (*_DIGITS, *_TFDS, "folder:PATH", "npz:FILE")
-
-
 def check_spec(spec: str) -> None:
   """Raises a ValueError unless ``spec`` names a source (and its path exists).
 
@@ -72,7 +68,7 @@ def check_spec(spec: str) -> None:
       if not (path.is_dir() if kind == "directory" else path.is_file()):
         raise ValueError(f"{prefix} {path} is not an existing {kind}")
       return
-  raise ValueError(f"unknown dataset {spec!r}; valid: {', '.join(valid_specs())}")
+  raise ValueError(f"unknown dataset {spec!r}; valid: {', '.join(_SPECS)}")
 
 
 def load_dataset(
@@ -81,7 +77,7 @@ def load_dataset(
   data_dir: str | os.PathLike[str] | None = None,
   imbalance_ratio: float | None = None,
 ) -> Dataset:
-  """Loads a dataset by spec (one of :func:`valid_specs`), long-tailing its train set.
+  """Loads a dataset by spec (see the module docstring), long-tailing its train set.
 
   ``data_dir`` is TFDS's. ``imbalance_ratio`` (:func:`make_long_tailed`) defaults to
   :data:`DEFAULT_LT_IMBALANCE_RATIO` for ``-lt`` specs, else to 1 (as is).

@@ -1,13 +1,11 @@
 """Flax NNX models for the example applications (NHWC ``float32`` images).
 
-:class:`ResNet` (with :class:`CifarResNet`, the ResNet-20/32/56 of the long-tailed
-literature), :class:`SmallCNN`, Deep SAD's bias-free :class:`DeepSADEncoder`,
-:class:`DeepSADDecoder` and :class:`DeepSADAutoencoder`, and :func:`create_model`.
-``model.train()`` / ``model.eval()`` switch BatchNorm between batch and running
-statistics. ``norm="group"`` or ``"none"`` leaves no :class:`flax.nnx.BatchStat`, so
-an example's loss depends only on that example and the parameters. The classifiers
-take a ``dtype`` for their activations (e.g. ``jnp.bfloat16``); parameters and
-BatchNorm statistics stay ``float32``.
+Classifiers (:class:`ResNet`, :class:`CifarResNet`, :class:`SmallCNN`) and Deep SAD's
+bias-free networks, built by name with :func:`create_model`. ``model.train()`` /
+``model.eval()`` switch BatchNorm between batch and running statistics;
+``norm="group"`` or ``"none"`` leaves no :class:`flax.nnx.BatchStat`, so an example's
+loss depends only on that example and the parameters. The classifiers' ``dtype`` is
+their activations' (e.g. ``jnp.bfloat16``); parameters and statistics stay float32.
 
 References: He et al., Deep Residual Learning, CVPR 2016; Xie et al., ResNeXt, CVPR
 2017; Cao et al., LDAM-DRW, NeurIPS 2019; De & Smith, SkipInit, NeurIPS 2020; Ruff et
@@ -33,7 +31,6 @@ Dtype = Any
 # in Flax) and epsilon 1e-5; Kaiming-normal weights (fan-in, gain sqrt(2)).
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
-_SAD_EPSILON = 1e-4  # Deep SAD's BatchNorm2d(eps=1e-04, affine=False).
 _kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
@@ -49,13 +46,12 @@ def _make_norm(
   """A norm layer over channels (GroupNorm: up to 8 groups); ``None`` for "none"."""
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-  kwargs = dict(epsilon=epsilon, use_bias=affine, use_scale=affine, rngs=rngs)
-  kwargs.update(dtype=dtype)
+  kw = dict(epsilon=epsilon, use_bias=affine, use_scale=affine, dtype=dtype, rngs=rngs)
   if norm == "batch":
-    return nnx.BatchNorm(channels, momentum=_BN_MOMENTUM, **kwargs)
+    return nnx.BatchNorm(channels, momentum=_BN_MOMENTUM, **kw)
   if norm == "group":
     groups = max(d for d in range(1, 9) if channels % d == 0)
-    return nnx.GroupNorm(channels, num_groups=groups, **kwargs)
+    return nnx.GroupNorm(channels, num_groups=groups, **kw)
   return None
 
 
@@ -151,10 +147,7 @@ class ResNet(nnx.Module):
   """ResNet / ResNeXt: stem, residual stages, global average pool, linear classifier.
 
   Stage ``s`` has ``stage_sizes[s]`` blocks of ``width * 2**s`` base channels, stride
-  2 at its start for ``s > 0``. ``stem="imagenet"``: 7x7 stride-2 conv and 3x3
-  stride-2 max-pool; ``"cifar"``: a 3x3 conv. ``shortcut="project"`` is the torchvision
-  layout; ``"pad"`` is LDAM-DRW's CIFAR ResNet (option A, Kaiming-normal classifier,
-  and with ``norm="none"`` conv biases and SkipInit gains).
+  2 at its start for ``s > 0``.
 
   Args:
     num_classes: number of logits.
@@ -163,8 +156,11 @@ class ResNet(nnx.Module):
     bottleneck: bottleneck blocks (ResNet-50 and deeper) instead of basic ones.
     groups: grouped-convolution cardinality (32 for ResNeXt-50 32x4d).
     width_per_group: channels per group (4 for ResNeXt-50 32x4d).
-    stem: ``"imagenet"`` or ``"cifar"``.
-    shortcut: ``"project"`` or ``"pad"``.
+    stem: ``"imagenet"`` (7x7 stride-2 conv, 3x3 stride-2 max-pool) or ``"cifar"``
+      (a 3x3 conv).
+    shortcut: ``"project"`` (torchvision's layout) or ``"pad"`` (LDAM-DRW's CIFAR
+      ResNet: option A, Kaiming-normal classifier, and with ``norm="none"`` conv
+      biases and SkipInit gains).
     in_channels: input channels.
     norm: ``"batch"``, ``"group"`` or ``"none"``.
     dtype: the activations' dtype (``None``: float32); parameters stay float32.
@@ -298,16 +294,11 @@ class SmallCNN(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.norm = norm
-    self.norms = nnx.List(
-      [_make_norm(norm, c, rngs=rngs, dtype=dtype) for c in features]
-    )
-    pairs = zip((in_channels, *features), features, strict=False)
-    self.convs = nnx.List(
-      [
-        _conv(a, b, 3, 2 if i else 1, bias=norm == "none", rngs=rngs, dtype=dtype)
-        for i, (a, b) in enumerate(pairs)
-      ]
-    )
+    make_norm = functools.partial(_make_norm, norm, rngs=rngs, dtype=dtype)
+    conv = functools.partial(_conv, bias=norm == "none", rngs=rngs, dtype=dtype)
+    self.norms = nnx.List([make_norm(c) for c in features])
+    pairs = enumerate(zip((in_channels, *features), features, strict=False))
+    self.convs = nnx.List([conv(a, b, 3, 2 if i else 1) for i, (a, b) in pairs])
     self.head = nnx.Linear(features[-1], num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -334,12 +325,9 @@ def _sad_features(input_shape: Sequence[int], features: Sequence[int] | None):
   return tuple(int(f) for f in features), tuple(sizes)
 
 
-def _sad_norm(norm: str, channels: int, rngs: nnx.Rngs) -> nnx.Module | None:
-  return _make_norm(norm, channels, rngs=rngs, affine=False, epsilon=_SAD_EPSILON)
-
-
-def _sad_linear(cin: int, cout: int, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(cin, cout, use_bias=False, kernel_init=_kaiming_normal, rngs=rngs)
+# Deep SAD's BatchNorm2d(eps=1e-04, affine=False) and bias-free Kaiming-normal Linear.
+_sad_norm = functools.partial(_make_norm, affine=False, epsilon=1e-4)
+_sad_linear = functools.partial(nnx.Linear, use_bias=False, kernel_init=_kaiming_normal)
 
 
 class DeepSADEncoder(nnx.Module):
@@ -370,9 +358,9 @@ class DeepSADEncoder(nnx.Module):
     self.input_shape = tuple(int(s) for s in input_shape)
     pairs = zip((self.input_shape[-1], *features), features, strict=False)
     self.convs = nnx.List([_conv(a, b, 5, rngs=rngs) for a, b in pairs])
-    self.norms = nnx.List([_sad_norm(norm, c, rngs) for c in features])
+    self.norms = nnx.List([_sad_norm(norm, c, rngs=rngs) for c in features])
     h, w = sizes[-1]
-    self.fc = _sad_linear(h * w * features[-1], rep_dim, rngs)
+    self.fc = _sad_linear(h * w * features[-1], rep_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Representations ``(B, rep_dim)`` for images ``x`` of shape ``(B, H, W, C)``."""
@@ -407,10 +395,10 @@ class DeepSADDecoder(nnx.Module):
     self.norm = norm
     self.input_shape = tuple(int(s) for s in input_shape)
     h, w = self.sizes[-1]
-    self.fc = _sad_linear(rep_dim, h * w * self.features[-1], rngs)
+    self.fc = _sad_linear(rep_dim, h * w * self.features[-1], rngs=rngs)
     outs = (self.input_shape[-1], *self.features[:-1])
     pairs = list(zip(self.features, outs, strict=True))[::-1]
-    self.norms = nnx.List([_sad_norm(norm, c, rngs) for c, _ in pairs])
+    self.norms = nnx.List([_sad_norm(norm, c, rngs=rngs) for c, _ in pairs])
     self.convs = nnx.List([_conv(c, out, 5, rngs=rngs) for c, out in pairs])
 
   def __call__(self, z: jax.Array) -> jax.Array:
