@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from shared import report
+
 #: Resolution of the saved PNGs.
 DPI = 120
 
@@ -36,24 +38,12 @@ def save(fig: Figure, path: str | os.PathLike[str]) -> Path:
   return path
 
 
-def _runs(values: Any, name: str, length: int) -> np.ndarray:
-  """``values`` as a float ``(runs, points)`` array (1-D input is one run)."""
-  array = np.asarray(values, np.float64)
-  array = array[None] if array.ndim == 1 else array
-  if array.ndim != 2 or array.shape[0] == 0:
-    raise ValueError(f"{name}: shape {array.shape} is not (points,) or (runs, points).")
-  if array.shape[1] != length:
-    raise ValueError(f"{name}: expected {length} points, got {array.shape[1]}.")
-  return array
-
-
 def draw_per_class(
   ax: Any,
   train_counts: Any,
   per_class: Mapping[str, Any],
   *,
   thresholds: Mapping[str, float] | None = None,
-  what: str = "per_class",
 ) -> bool:
   """Draws per-class values against training-sample count (log x) on ``ax``.
 
@@ -69,7 +59,16 @@ def draw_per_class(
   distinct = np.unique(counts[drawn])
   positive = True
   for name, values in per_class.items():
-    runs = _runs(values, f"{what}[{name!r}]", len(counts))
+    runs = np.asarray(values, np.float64)
+    runs = runs[None] if runs.ndim == 1 else runs  # 1-D: one run
+    if runs.ndim != 2 or runs.shape[0] == 0:
+      raise ValueError(
+        f"per_class[{name!r}]: shape {runs.shape} is not (points,) or (runs, points)."
+      )
+    if runs.shape[1] != len(counts):
+      raise ValueError(
+        f"per_class[{name!r}]: expected {len(counts)} points, got {runs.shape[1]}."
+      )
     # One point per distinct count (the mean over its classes); all-NaN: not drawn.
     with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
       grouped = np.stack([np.nanmean(runs[:, counts == c], 1) for c in distinct], 1)
@@ -126,12 +125,6 @@ def plot_per_class_accuracy(
   return save(fig, path)
 
 
-def _mean_std(members: Sequence[Mapping[str, Any]], metric: str):
-  """Mean and standard deviation of ``metric`` over runs that have it, or ``None``."""
-  values = [m[metric] for m in members if m[metric] is not None]
-  return (np.mean(values), np.std(values)) if values else None
-
-
 def plot_ablation(
   runs: Sequence[Mapping[str, Any]],
   keys: Sequence[str],
@@ -163,8 +156,7 @@ def plot_ablation(
     values = sorted({r[key] for r in runs if r.get(key) is not None})
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in runs:
-      others = (f"{k}={r[k]:g}" for k in keys if k != key and r.get(k) is not None)
-      groups.setdefault(" ".join([r["optimizer"], *others]), []).append(r)
+      groups.setdefault(report.label(r, [k for k in keys if k != key]), []).append(r)
     for ax, (metric, name) in zip(axes[row], metrics.items(), strict=True):
       seen: dict[str, int] = {}
       for tag, members in groups.items():
@@ -172,13 +164,16 @@ def plot_ablation(
         color = f"C{optimizers.index(optimizer) % 10}"
         k = seen[optimizer] = seen.get(optimizer, -1) + 1  # k-th line of this color
         if members[0].get(key) is None:
-          if stats := _mean_std(members, metric):
-            (mean, std), ls = stats, ("--", ":", "-.")[k % 3]
-            ax.axhline(mean, color=color, ls=ls, lw=1, label=tag)
+          if stats := report.mean_std(m[metric] for m in members):
+            mean, std = stats["mean"], stats["std"]
+            ax.axhline(mean, color=color, ls=("--", ":", "-.")[k % 3], lw=1, label=tag)
             ax.axhspan(mean - std, mean + std, color=color, alpha=0.1, lw=0)
           continue
-        at = {x: _mean_std([m for m in members if m[key] == x], metric) for x in values}
-        points = [(x, *stats) for x, stats in at.items() if stats]
+        at = [
+          (x, report.mean_std(m[metric] for m in members if m[key] == x))
+          for x in values
+        ]
+        points = [(x, s["mean"], s["std"]) for x, s in at if s]
         xs, means, stds = zip(*points, strict=True) if points else ((), (), ())
         marker = "osD^v"[k % 5]
         ax.errorbar(

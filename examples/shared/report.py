@@ -89,22 +89,17 @@ def varying(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]
 
 def mean_std(values: Iterable[float | None]) -> dict[str, Any] | None:
   """``{"mean", "std", "n"}`` of the finite values (population std), or None."""
-  finite = [v for v in values if v is not None and math.isfinite(v)]
-  if not finite:
+  kept = [v for v in values if v is not None and math.isfinite(v)]
+  if not kept:
     return None
-  return {
-    "mean": float(np.mean(finite)),
-    "std": float(np.std(finite)),
-    "n": len(finite),
-  }
+  return {"mean": float(np.mean(kept)), "std": float(np.std(kept)), "n": len(kept)}
 
 
 def nanmean_columns(rows: Sequence[Sequence[float | None]]) -> list[float | None]:
   """Element-wise mean of equally long lists, ignoring ``None``."""
   array = np.array([[np.nan if v is None else v for v in r] for r in rows], float)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)  # all-None columns
-    means = np.nanmean(array, axis=0)
+  with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
+    means = np.nanmean(array, axis=0)  # all-None columns: NaN, no warning
   return [None if np.isnan(m) else float(m) for m in means]
 
 
@@ -124,19 +119,16 @@ def summarize(
   groups: dict[str, list[Mapping[str, Any]]] = {}
   for run in runs:
     groups.setdefault(label(run, keys), []).append(run)
-  summary = {}
-  for name, members in groups.items():
-    entry = {
+  return {
+    name: {
       "optimizer": members[0]["optimizer"],
       **{k: members[0].get(k) for k in keys},
+      "seeds": [r["seed"] for r in members],
+      **{m: mean_std(r[m] for r in members) for m in metrics},
+      **{f"{v}_mean": nanmean_columns([r[v] for r in members]) for v in vectors},
     }
-    entry["seeds"] = [r["seed"] for r in members]
-    entry.update({m: mean_std(r[m] for r in members) for m in metrics})
-    entry.update(
-      {f"{v}_mean": nanmean_columns([r[v] for r in members]) for v in vectors}
-    )
-    summary[name] = entry
-  return summary
+    for name, members in groups.items()
+  }
 
 
 def cell(stats: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -148,13 +140,8 @@ def cell(stats: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 1) -
 
 def text_table(rows: Sequence[Sequence[str]]) -> str:
   """Rows of cells, the first column left-aligned, the others right-aligned."""
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
   return "\n".join(
-    "  ".join(
-      [
-        r[0].ljust(widths[0]),
-        *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)),
-      ]
-    ).rstrip()
+    "  ".join([r[0].ljust(widths[0]), *map(str.rjust, r[1:], widths[1:])]).rstrip()
     for r in rows
   )

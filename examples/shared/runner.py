@@ -1,11 +1,9 @@
 """One runner: seeds x methods x settings, progress, metrics logs, results.json.
 
-An application hands :func:`run_grid` its :func:`grid` of cells and a function
-that trains and evaluates one cell. The runner shows one progress bar and rewrites
-``OUT/results.json`` (:mod:`shared.report`'s schema) after every run, so finished
-runs survive an interruption; only process 0 writes. :class:`MetricsLog` is a
-run's CSV of training metrics (loss, accuracy, ImbSAM's ``tail_grad_norm`` and
-``tail_fraction``), written as training goes, for a spreadsheet or pandas.
+:func:`run_grid` runs an application's :func:`grid` of cells with one progress
+bar and rewrites ``OUT/results.json`` (:mod:`shared.report`'s schema) after every
+run, so finished runs survive an interruption; :class:`MetricsLog` writes a run's
+training metrics as they come. Only process 0 writes.
 
 Methods: ``base`` (the base optimizer without perturbation; reported under its
 name, ``sgd`` or ``adam``, which are accepted as aliases), ``sam``, ``imbsam``.
@@ -19,14 +17,14 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+from tqdm.auto import tqdm
 
 from shared import report
 
@@ -88,25 +86,16 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-class _Silent:
-  def __getattr__(self, name: str) -> Callable[..., None]:
-    return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, unit: str, enabled: bool) -> Iterator[Any]:
-  """A tqdm bar on process 0, or an object that ignores every call."""
-  if not (enabled and is_main_process()):
-    yield _Silent()
-    return
-  from tqdm.auto import tqdm
-
-  with tqdm(total=total, unit=unit, dynamic_ncols=True) as bar:
-    yield bar
+def progress_bar(total: int, unit: str, enabled: bool) -> tqdm:
+  """A tqdm bar (a context manager), disabled (every call a no-op) unless
+  ``enabled`` and on process 0."""
+  disable = not (enabled and is_main_process())
+  return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=disable)
 
 
 class MetricsLog:
-  """Appends rows of training metrics to a CSV file as they come (process 0).
+  """Appends rows of training metrics (loss, accuracy, ImbSAM's ``tail_grad_norm``
+  and ``tail_fraction``) to a CSV file (process 0), for a spreadsheet or pandas.
 
   The first row fixes the columns. ``resume=True`` appends to an existing file,
   else it starts over.
@@ -162,20 +151,17 @@ def run_grid(
     unit: the progress unit's name.
     progress: show the progress bar.
   """
-  results: dict[str, Any] = {"config": dict(config), "runs": [], "summary": {}}
+  runs: list[dict[str, Any]] = []
+  results = {"config": dict(config), "runs": runs, "summary": {}}
   with progress_bar(len(cells) * units_per_cell, unit, progress) as bar:
     for cell in cells:
       bar.set_description(cell.name)
-      run = {
-        "method": cell.method,
-        "seed": cell.seed,
-        **{k: cell.setting.get(k) for k in keys},
-      }
-      results["runs"].append({**run, **run_one(cell, bar)})
-      varying = report.varying(results["runs"], keys)
-      results["summary"] = report.summarize(
-        results["runs"], metrics, varying, vectors=vectors
+      setting = {k: cell.setting.get(k) for k in keys}
+      runs.append(
+        {"method": cell.method, "seed": cell.seed, **setting, **run_one(cell, bar)}
       )
+      varying = report.varying(runs, keys)
+      results["summary"] = report.summarize(runs, metrics, varying, vectors=vectors)
       if is_main_process():
         report.write_json(Path(out) / report.RESULTS_FILE, results)
   return results

@@ -9,14 +9,13 @@ NNX model is split into ``params`` and ``model_state`` (BatchNorm statistics):
 the clean pass updates ``model_state``, the adversarial passes discard theirs
 (as google-research/sam does).
 
-Data parallelism is jit + sharding: :func:`data_parallel_mesh` is a 1-D mesh over
-the devices, :func:`shard_batch` assembles global arrays from each process's rows,
-:func:`replicate` copies the state to every device; the step itself has no
-device-specific code.
+Data parallelism is jit + sharding (:func:`data_parallel_mesh`, :func:`shard_batch`,
+:func:`replicate`); the step itself has no device-specific code.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imbsam_jax
@@ -145,16 +145,16 @@ def make_train_step(
   def step(state: TrainState, batch: Any, key: jax.Array):
     if augment is not None:
       batch = augment(key, batch)
-    # (params, batch) -> (losses, (metrics, model_state[, clean statistics])).
-    forward = imbsam_jax.flax.nnx_loss_fn(
+    make_forward = functools.partial(
+      imbsam_jax.flax.nnx_loss_fn,
       graphdef,
       per_example_loss,
       state.model_state,
       has_aux=True,
-      with_state=True,
       tail_mask=tail_mask,
-      with_clean_stats=anchored,
     )
+    # (params, batch) -> (losses, (metrics, model_state[, clean statistics])).
+    forward = make_forward(with_state=True, with_clean_stats=anchored)
     extra: dict[str, Any] = {}
     if method == "imbsam" and path == "exact":
       weights = tail_mask_fn(batch[labels_key])
@@ -172,17 +172,9 @@ def make_train_step(
       (loss, (metrics, model_state, *stats)), grads = jax.value_and_grad(
         mean_loss, has_aux=True
       )(state.params)
+    if anchored:  # the tail passes normalize with the clean pass's statistics
+      forward = make_forward(clean_stats=stats[0])
     pure_loss = lambda p, b: forward(p, b)[0]
-    if anchored:
-      tail_loss = imbsam_jax.flax.nnx_loss_fn(
-        graphdef,
-        per_example_loss,
-        state.model_state,
-        has_aux=True,
-        tail_mask=tail_mask,
-        clean_stats=stats[0],
-      )
-      pure_loss = lambda p, b: tail_loss(p, b)[0]
     if method == "sam":
       extra["grad_fn"] = jax.grad(lambda p, _: jnp.mean(pure_loss(p, batch)))
     elif method == "imbsam":
@@ -233,14 +225,9 @@ def train_epoch(
   batches: Iterable[dict[str, np.ndarray]],
   mesh: Mesh,
   key: jax.Array,
-  *,
-  first_step: int = 0,
-  bar: Any = None,
 ) -> tuple[TrainState, dict[str, float]]:
   """:func:`train_steps` over an epoch; returns the state and each metric's mean."""
-  state, sums, count = train_steps(
-    step, state, batches, mesh, key, first_step=first_step, bar=bar
-  )
+  state, sums, count = train_steps(step, state, batches, mesh, key)
   return state, {k: float(v) / count for k, v in sums.items()}
 
 
@@ -275,8 +262,6 @@ def evaluate(
   ):
     out = fn(shard_batch(xb, mesh))
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
       out = multihost_utils.process_allgather(out, tiled=True)
     outs.append(np.asarray(out))
   return np.concatenate(outs)[: len(x)]  # the padding ends the last batch
