@@ -46,7 +46,6 @@ from shared import models, options, report, training
 from shared.options import FRACTION, POSITIVE, option
 
 MODELS = ("cifar", "resnet50", "resnext50_32x4d")
-DTYPES = ("float32", "bfloat16")
 VARIANTS = ("sgd", "sam", "imbsam", "imbsam-exact", "imbsam-fast")
 PASSES = {"sgd": 3, "sam": 6, "imbsam": 9, "imbsam-exact": 8}
 
@@ -63,7 +62,9 @@ class Config:
     choices=MODELS,
   )
   dtype: str = option(
-    "float32", "activations' dtype (parameters stay float32)", choices=DTYPES
+    "float32",
+    "activations' dtype (parameters stay float32)",
+    choices=tuple(models.DTYPES),
   )
   depth: int = option(
     8,
@@ -135,7 +136,7 @@ def per_example_loss(model: nnx.Module, batch: dict[str, Any]):
 
 
 def make_model(args: Config, norm: str) -> nnx.Module:
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+  dtype = models.DTYPES[args.dtype]
   image_size, num_classes = shape(args)
   if args.model == "cifar":
     return models.CifarResNet(

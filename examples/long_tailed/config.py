@@ -45,7 +45,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from shared import data, models, pipeline, runner, training
@@ -55,7 +54,6 @@ LOSSES = ("ce", "logit-adjust", "balanced-softmax")
 SCHEDULES = ("cosine", "step")
 AUGMENTATIONS = ("auto", "crop-flip", "none")
 CLASSIFIERS = tuple(n for n in models.MODEL_NAMES if n != "deep_sad")
-DTYPES = ("float32", "bfloat16")
 
 
 def tail_capacity(text: str) -> int | str:
@@ -134,7 +132,7 @@ class Config:
   dtype: str = option(
     "float32",
     "activations' dtype; parameters, optimizer state, losses and metrics stay float32",
-    choices=DTYPES,
+    choices=tuple(models.DTYPES),
   )
   epochs: int = option(30, "training epochs", check=POSITIVE)
   batch_size: int = option(
@@ -309,7 +307,7 @@ class Config:
   @property
   def activation_dtype(self) -> Any:
     """``jnp.bfloat16`` for ``--dtype bfloat16``; ``None`` (float32) otherwise."""
-    return jnp.bfloat16 if self.dtype == "bfloat16" else None
+    return models.DTYPES[self.dtype]
 
   @property
   def effective_tau(self) -> float:

@@ -26,6 +26,8 @@ Norm = Literal["batch", "group", "none"]
 NORMS = ("batch", "group", "none")
 #: An activation dtype (``None``: that of the inputs and parameters, float32).
 Dtype = Any
+#: The ``--dtype`` choices of the examples: the classifiers' activation dtype.
+DTYPES: dict[str, Dtype] = {"float32": None, "bfloat16": jnp.bfloat16}
 
 # PyTorch's defaults (the reference code is PyTorch): BatchNorm2d momentum 0.1 (0.9
 # in Flax) and epsilon 1e-5; Kaiming-normal weights (fan-in, gain sqrt(2)).
