@@ -115,14 +115,7 @@ def make_pure_step(graphdef, tx, *, anchored=True, jit=True):
   """
 
   def step(params, rest, opt_state, batch):
-    clean = imbsam_jax.flax.nnx_loss_fn(
-      graphdef,
-      per_example_loss,
-      rest,
-      with_state=True,
-      tail_mask=tail_mask,
-      with_clean_stats=True,
-    )
+    clean = clean_loss_fn(graphdef, rest)
 
     def mean_loss(p):
       losses, extra = clean(p, batch)
@@ -153,9 +146,9 @@ def run_pure(graphdef, params, rest, tx, batches, **kwargs):
   return params, rest, step
 
 
-def clean_pass(graphdef, params, rest, batch):
-  """``(losses, running-average state, clean statistics)`` of a clean pass."""
-  clean = imbsam_jax.flax.nnx_loss_fn(
+def clean_loss_fn(graphdef, rest):
+  """The clean pass's loss: ``(losses, (running-average state, clean statistics))``."""
+  return imbsam_jax.flax.nnx_loss_fn(
     graphdef,
     per_example_loss,
     rest,
@@ -163,7 +156,11 @@ def clean_pass(graphdef, params, rest, batch):
     tail_mask=tail_mask,
     with_clean_stats=True,
   )
-  losses, (state, stats) = jax.jit(clean)(params, batch)
+
+
+def clean_pass(graphdef, params, rest, batch):
+  """``(losses, running-average state, clean statistics)`` of a clean pass."""
+  losses, (state, stats) = jax.jit(clean_loss_fn(graphdef, rest))(params, batch)
   return losses, state, stats
 
 
