@@ -154,102 +154,6 @@ def test_to_float_numpy_and_jit():
   np.testing.assert_allclose(np.asarray(jitted), expected, rtol=1e-6)
 
 
-# ----------------------------------------------------------- batch iterators
-
-
-def _ids(batches):
-  return [b[0] for b in batches]
-
-
-@pytest.mark.parametrize("n,batch_size", [(10, 4), (12, 4), (7, 7), (5, 8)])
-def test_iterate_batches_covers_each_example_once(n, batch_size):
-  x = np.arange(n)
-  batches = list(
-    data.iterate_batches(x, x, batch_size, seed=1, epoch=0, drop_remainder=False)
-  )
-  assert len(batches) == data.steps_per_epoch(n, batch_size, drop_remainder=False)
-  np.testing.assert_array_equal(np.sort(np.concatenate(_ids(batches))), x)
-  for xb, yb in batches:
-    np.testing.assert_array_equal(xb, yb)
-
-
-def test_iterate_batches_drop_remainder_and_determinism():
-  x = np.arange(10)
-  run = lambda **kw: _ids(data.iterate_batches(x, x, 4, seed=3, **kw))
-  first = run(epoch=0)
-  assert len(first) == data.steps_per_epoch(10, 4) == 2
-  assert all(len(b) == 4 for b in first)
-  assert len(np.unique(np.concatenate(first))) == 8
-  for a, b in zip(first, run(epoch=0), strict=True):
-    np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(np.concatenate(first), np.concatenate(run(epoch=1)))
-  expected = np.random.default_rng((3, 0)).permutation(10)[:8]
-  np.testing.assert_array_equal(np.concatenate(first), expected)
-  in_order = _ids(data.iterate_batches(x, x, 4, seed=3, epoch=0, shuffle=False))
-  np.testing.assert_array_equal(np.concatenate(in_order), np.arange(8))
-
-
-@pytest.mark.parametrize("drop_remainder", [True, False])
-def test_iterate_batches_process_slices_partition_global_batches(drop_remainder):
-  x = np.arange(30)
-  kw = dict(seed=0, epoch=2, drop_remainder=drop_remainder)
-  global_batches = _ids(data.iterate_batches(x, x, 8, **kw))
-  per_process = [
-    _ids(data.iterate_batches(x, x, 8, process_index=p, process_count=4, **kw))
-    for p in range(4)
-  ]
-  for step, batch in enumerate(global_batches):
-    parts = [per_process[p][step] for p in range(4)]
-    if step < 30 // 8:
-      assert all(len(part) == 2 for part in parts)
-    np.testing.assert_array_equal(np.concatenate(parts), batch)
-
-
-def test_iterate_batches_errors():
-  x = np.arange(10)
-  with pytest.raises(ValueError, match="multiple of"):
-    next(data.iterate_batches(x, x, 6, seed=0, epoch=0, process_count=4))
-  with pytest.raises(ValueError, match="no batch"):
-    next(data.iterate_batches(x, x, 16, seed=0, epoch=0))
-  with pytest.raises(ValueError, match="process_index"):
-    next(
-      data.iterate_batches(x, x, 4, seed=0, epoch=0, process_index=2, process_count=2)
-    )
-  with pytest.raises(ValueError, match="differ in length"):
-    next(data.iterate_batches(x, x[:3], 2, seed=0, epoch=0))
-
-
-def test_iterate_eval_batches_pads_to_fixed_shape():
-  x = np.arange(1, 11, dtype=np.uint8).reshape(10, 1, 1, 1)
-  y = np.arange(10, dtype=np.int32)
-  batches = list(data.iterate_eval_batches(x, y, 4))
-  assert len(batches) == 3
-  assert {(b[0].shape, b[1].shape, b[2].shape) for b in batches} == {
-    ((4, 1, 1, 1), (4,), (4,))
-  }
-  valid = np.concatenate([b[2] for b in batches])
-  assert valid.dtype == bool and valid.sum() == 10 and not valid[10:].any()
-  np.testing.assert_array_equal(np.concatenate([b[1] for b in batches])[valid], y)
-  np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[valid], x)
-  assert (np.concatenate([b[0] for b in batches])[~valid] == 0).all()
-
-
-def test_iterate_eval_batches_process_slices():
-  x = np.arange(10)
-  whole = list(data.iterate_eval_batches(x, x, 4))
-  parts = [
-    list(data.iterate_eval_batches(x, x, 4, process_index=p, process_count=2))
-    for p in range(2)
-  ]
-  for step, (xb, _, valid) in enumerate(whole):
-    np.testing.assert_array_equal(
-      np.concatenate([parts[p][step][0] for p in range(2)]), xb
-    )
-    np.testing.assert_array_equal(
-      np.concatenate([parts[p][step][2] for p in range(2)]), valid
-    )
-
-
 # ----------------------------------------------------------------- folder:
 
 
@@ -390,14 +294,13 @@ def can_prepare(monkeypatch):
   "spec,shape,num_classes",
   [("cifar10", (32, 32, 3), 10), ("mnist", (28, 28, 1), 10)],
 )
-def test_tfds_with_mock_data(can_prepare, spec, shape, num_classes):
+def test_tfds_with_mock_data(mock_data, can_prepare, spec, shape, num_classes):
   # tfds.testing.mock_data patches DatasetBuilder.as_data_source (so it covers
   # tfds.data_source), points builders at a non-existent data_dir (so the data
   # is "not prepared" and the loader takes the prepare path: `can_prepare`) and
   # makes download_and_prepare a no-op. Its __getitems__ is broken (tfds
   # 4.9.10), which the loader avoids by reading item by item.
-  tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=12):
+  with mock_data(num_examples=12):
     ds = data.load_dataset(spec)
   assert ds.x_train.shape == (12, *shape) and ds.x_test.shape == (12, *shape)
   assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32

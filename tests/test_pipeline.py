@@ -47,6 +47,17 @@ class MemorySource:
     return f"MemorySource({len(self)})"
 
 
+def _array_source(n: int) -> pipeline.ArraySource:
+  """In-memory records whose pixels are the record's index."""
+  x = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 1))
+  return pipeline.ArraySource(x, np.arange(n, dtype=np.int32) % 3, name="ids")
+
+
+@pytest.fixture(params=[MemorySource, _array_source], ids=["decoded", "arrays"])
+def make_source(request):
+  return request.param
+
+
 def _ids(batch: dict) -> list[int]:
   """Record indices of a batch of :class:`MemorySource` images."""
   red = batch["image"][..., 0]
@@ -216,8 +227,8 @@ def test_train_loader_batches_and_determinism(lt_root):
   assert not np.array_equal(other["image"], batches[0]["image"])
 
 
-def test_epochs_are_whole_batches_of_fresh_permutations():
-  source = MemorySource(21)
+def test_epochs_are_whole_batches_of_fresh_permutations(make_source):
+  source = make_source(21)
   ids = [_ids(b) for b in _train(source, num_epochs=3)]
   epochs = [ids[2 * e] + ids[2 * e + 1] for e in range(3)]  # 21 // 8 = 2 steps
   for epoch in epochs:
@@ -227,9 +238,9 @@ def test_epochs_are_whole_batches_of_fresh_permutations():
   assert unshuffled == [list(range(8)), list(range(8, 16))] * 2
 
 
-def test_processes_split_each_global_batch():
+def test_processes_split_each_global_batch(make_source):
   """2 processes: disjoint rows covering the epoch; together one process's batch."""
-  source = MemorySource(40)
+  source = make_source(40)
   one = list(_train(source, num_epochs=2))
   halves = [
     list(_train(source, num_epochs=2, process_index=p, process_count=2)) for p in (0, 1)
@@ -243,12 +254,12 @@ def test_processes_split_each_global_batch():
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(40))
 
 
-def test_resume_mid_epoch_sees_the_same_batches():
-  source = MemorySource(30)
+def test_resume_mid_epoch_sees_the_same_batches(make_source):
+  source = make_source(30)
   uninterrupted = list(_train(source, num_epochs=3))  # 3 steps per epoch
-  killed = _train(source, num_epochs=3)
-  _assert_same(list(itertools.islice(killed, 4)), uninterrupted[:4])
-  state = json.loads(json.dumps(killed.get_state()))
+  with _train(source, num_epochs=3) as killed:
+    _assert_same(list(itertools.islice(killed, 4)), uninterrupted[:4])
+    state = json.loads(json.dumps(killed.get_state()))
   assert state["position"] == 4
   resumed = _train(source, num_epochs=3)
   resumed.set_state(state)
@@ -303,6 +314,45 @@ def test_eval_loader_pads_to_one_shape(lt_root):
   assert counts.tolist() == [TEST_PER_CLASS] * len(TRAIN_COUNTS)
 
 
+def test_array_source_batches_are_numpy_permutations_as_stored():
+  """Epoch e of an in-memory source: ``default_rng((seed, e)).permutation(N)``,
+  sliced into whole batches, images and labels as stored (float32 here)."""
+  x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) / 10
+  source = pipeline.ArraySource(x, np.arange(10, dtype=np.int32))
+  batches = list(_train(source, global_batch_size=4, seed=3, num_epochs=2))
+  assert [b["image"].dtype for b in batches] == [np.float32] * 4
+  for epoch in range(2):
+    order = np.random.default_rng((3, epoch)).permutation(10)[:8]
+    got = np.concatenate([b["label"] for b in batches[2 * epoch : 2 * epoch + 2]])
+    np.testing.assert_array_equal(got, order)
+  np.testing.assert_array_equal(
+    batches[0]["image"].ravel(), x[batches[0]["label"]].ravel()
+  )
+  with pytest.raises(ValueError, match="differ in length"):
+    pipeline.ArraySource(x, np.arange(3))
+
+
+def test_array_source_eval_batches_pad_per_process():
+  source = pipeline.ArraySource(np.arange(1, 11, dtype=np.uint8), np.arange(10))
+  assert source.num_classes == 10
+  parts = [
+    list(
+      pipeline.eval_loader(
+        source, global_batch_size=4, process_index=p, process_count=2
+      )
+    )
+    for p in (0, 1)
+  ]
+  assert [len(p) for p in parts] == [3, 3]
+  rows = {
+    k: np.concatenate([parts[p][s][k] for s in range(3) for p in (0, 1)])
+    for k in ("image", "label", "valid")
+  }
+  assert rows["valid"].tolist() == [True] * 10 + [False] * 2
+  np.testing.assert_array_equal(rows["image"], [*range(1, 11), 0, 0])
+  np.testing.assert_array_equal(rows["label"], [*range(10), 0, 0])
+
+
 @pytest.mark.parametrize(
   "kwargs,match",
   [
@@ -321,15 +371,14 @@ def test_train_loader_errors(lt_root, kwargs, match):
 # -------------------------------------------------------------------- TFDS
 
 
-def test_i_naturalist2018_with_mock_data(tmp_path):
+def test_i_naturalist2018_with_mock_data(mock_data, tmp_path):
   """The spec on ``tfds.testing.mock_data``: records, classes, labels, a batch.
 
   mock_data replaces ``as_data_source``: ``tfds.data_source`` returns random
   examples (PNG-encoded images of random sizes, random labels) and reads no
   file, so the label cache is not written (the cifar10 fixture test covers it).
   """
-  tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=12):
+  with mock_data(num_examples=12):
     train = pipeline.open_source("i_naturalist2018", split="train", data_dir=tmp_path)
     val = pipeline.open_source("i_naturalist2018", split="test", data_dir=tmp_path)
     record = train[0]
@@ -364,10 +413,9 @@ def test_tfds_array_record_fixture_labels_cached(tmp_path, monkeypatch):
   np.testing.assert_array_equal(pipeline.class_counts(again), np.bincount(by_record))
 
 
-def test_imagenet2012_lt_finds_records_by_file_name(tmp_path):
+def test_imagenet2012_lt_finds_records_by_file_name(mock_data, tmp_path):
   """The ImageNet-LT lists over TFDS imagenet2012 records (mocked: as stored,
   in TFDS's shuffled order, ``file_name`` without the list's folders)."""
-  tfds = pytest.importorskip("tensorflow_datasets")
   names = {
     "train": [f"n{c:08d}_{i}.JPEG" for c in range(3) for i in range(3)][::-1],
     "validation": [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (7, 3, 5)],
@@ -386,7 +434,7 @@ def test_imagenet2012_lt_finds_records_by_file_name(tmp_path):
     "train/n00000001/n00000001_2.JPEG 1\ntrain/n00000001/n00000001_9.JPEG 1\n"
   )
   as_data_source = lambda builder, split, decoders=None: stored[split]
-  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+  with mock_data(as_data_source_fn=as_data_source):
     spec = f"imagenet2012-lt:{tmp_path}"
     train = pipeline.open_source(spec, split="train", data_dir=tmp_path)
     test = pipeline.open_source(spec, split="test", data_dir=tmp_path)

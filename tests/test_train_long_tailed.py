@@ -505,13 +505,12 @@ def test_folder_dataset(tmp_path):
   assert run["config"]["image_shape"] == [8, 8, 3]
 
 
-def test_mock_tfds_cifar10_lt(tmp_path, monkeypatch):
-  tfds = pytest.importorskip("tensorflow_datasets")
+def test_mock_tfds_cifar10_lt(mock_data, tmp_path, monkeypatch):
   # As in test_data.py: mock_data makes the data "not prepared", so pretend it
   # can be prepared (download_and_prepare is a no-op under mock_data).
   monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
   monkeypatch.setattr(data, "_host_reachable", lambda *a: True)
-  with tfds.testing.mock_data(num_examples=48):
+  with mock_data(num_examples=48):
     results = long_tailed.main(
       [
         *("--dataset", "cifar10-lt", "--imbalance-ratio", "2"),
@@ -768,7 +767,7 @@ def test_preset_builds_and_runs_one_step(name, tmp_path):
   num_classes = 100 if "cifar100" in config.dataset else 10
   shape = 8 if name == "digits-lt" else 32
   exp = long_tailed.prepare(config, tiny_dataset(num_classes, shape))
-  assert exp.augment == (shape == 32)
+  assert exp.augment == ("crop-flip" if shape == 32 else "none")
   cell = runner.Cell("imbsam", 0, {"rho": config.rho[0], "eta": 3.0})
   steps = long_tailed.build_run(exp, cell)
   batch = {"image": exp.dataset.x_train[:4], "label": exp.dataset.y_train[-4:]}

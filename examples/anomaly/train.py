@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,17 @@ from flax import nnx
 import imbsam_jax
 from anomaly.config import Config
 from imbsam_jax import LABELED_ANOMALY
-from shared import data, metrics, models, options, plots, report, runner, training
+from shared import (
+  data,
+  metrics,
+  models,
+  options,
+  pipeline,
+  plots,
+  report,
+  runner,
+  training,
+)
 
 LABELED_NORMAL, UNLABELED = 1, 0  # Deep SAD labels, with LABELED_ANOMALY = -1
 LOSS_EPS = 1e-6  # eps of the labeled term eta * (d + eps)^y (Deep SAD's value)
@@ -323,10 +334,12 @@ def fit(
   state = training.TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params))
   # Copies: the step donates its state, and the clone shares the arrays.
   state = training.replicate(jax.tree.map(jnp.array, state), mesh)
-  history = []
+  history, source = [], pipeline.ArraySource(x, labels)
+  loader = pipeline.train_loader(
+    source, global_batch_size=config.batch_size, seed=seed, num_epochs=epochs
+  )
   for epoch in range(epochs):
-    batches = data.iterate_batches(x, labels, config.batch_size, seed=seed, epoch=epoch)
-    batches = ({"image": b, "label": y} for b, y in batches)
+    batches = itertools.islice(loader, loader.steps_per_epoch)
     state, means = training.train_epoch(step, state, batches, mesh, jax.random.key(0))
     history.append(means["loss"])
     if log is not None:

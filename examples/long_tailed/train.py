@@ -20,10 +20,11 @@ the schedule: ``base`` alone, ``sam`` (:func:`optax.contrib.sam`) or ``imbsam``
 (:func:`imbsam_jax.imbsam`, aimed at the classes with fewer than ``eta`` training
 images).
 
-Data are in memory (:class:`ArrayData`: digits, CIFAR, npz, folder) or streamed
-(:class:`StreamData`: ImageNet-LT, Places-LT, iNaturalist 2018, split lists; read,
-decoded and augmented by grain). Both give the run a loader of its training
-batches that knows its position and the test set's padded batches: training,
+Data are sources of :mod:`shared.pipeline` (:class:`Data`), in memory (digits,
+CIFAR, npz, folder; batches sliced from the arrays) or streamed (ImageNet-LT,
+Places-LT, iNaturalist 2018, split lists; read, decoded and augmented by grain):
+one loader of training batches that knows its position, and the test set's
+padded batches. Training,
 checkpoints, evaluation and the report are one code path. A checkpoint holds the
 state (parameters, optimizer state, BatchNorm statistics) and, as JSON, the
 loader's position, the history and the running epoch's metric sums; step ``s``'s
@@ -137,146 +138,23 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-class ArrayBatches(pipeline.Resumable):
-  """Training batches sliced from in-memory arrays, as :class:`shared.pipeline.Batches`.
+class Data(NamedTuple):
+  """The ``train`` and ``test`` sources of :mod:`shared.pipeline`: the arrays of
+  an in-memory ``dataset``, or streamed, decoded and augmented (at
+  ``image_size``) by ``workers`` grain processes of ``threads`` threads."""
 
-  Epoch ``e`` is :func:`shared.data.iterate_batches` at ``epoch=e`` (this process's
-  rows); ``len()`` is the number of batches of all epochs, ``position`` the number
-  consumed, the whole state (:meth:`~shared.pipeline.Resumable.get_state`).
-  """
-
-  def __init__(
-    self,
-    dataset: data.Dataset,
-    global_batch_size: int,
-    *,
-    seed: int,
-    num_epochs: int,
-  ):
-    self.steps_per_epoch = data.steps_per_epoch(len(dataset.y_train), global_batch_size)
-    self.position = 0
-    self._dataset, self._batch_size, self._seed = dataset, global_batch_size, seed
-    self._len = num_epochs * self.steps_per_epoch
-    self._epoch: Iterator | None = None
-    self._description = (
-      f"arrays({dataset!r}, global_batch_size={global_batch_size}, seed={seed},"
-      f" num_epochs={num_epochs})"
-    )
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __iter__(self) -> ArrayBatches:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self.position >= len(self):
-      raise StopIteration
-    epoch, step = divmod(self.position, self.steps_per_epoch)
-    if self._epoch is None or step == 0:
-      ds = self._dataset
-      batches = data.iterate_batches(
-        ds.x_train,
-        ds.y_train,
-        self._batch_size,
-        seed=self._seed,
-        epoch=epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
-      self._epoch = itertools.islice(batches, step, None)
-    x, y = next(self._epoch)
-    self.position += 1
-    return {"image": x, "label": y}
-
-  def _seek(self, position: int) -> None:
-    self.position, self._epoch = position, None
-
-  def close(self) -> None:
-    self._epoch = None
-
-  def __enter__(self) -> ArrayBatches:
-    return self
-
-  def __exit__(self, *exc_info: Any) -> None:
-    self.close()
-
-
-class ArrayData(NamedTuple):
-  """An in-memory :class:`shared.data.Dataset`: batches are slices of its arrays."""
-
-  dataset: data.Dataset
-
-  @property
-  def num_classes(self) -> int:
-    return self.dataset.num_classes
-
-  @property
-  def image_shape(self) -> tuple[int, ...]:
-    return self.dataset.x_train.shape[1:]
-
-  @property
-  def num_test(self) -> int:
-    return len(self.dataset.y_test)
-
-  def train_counts(self) -> np.ndarray:
-    return data.class_counts(self.dataset.y_train, self.dataset.num_classes)
-
-  def train_loader(
-    self, global_batch_size: int, *, seed: int, num_epochs: int
-  ) -> ArrayBatches:
-    """The run's training batches (uint8 or float32 images, int32 labels)."""
-    return ArrayBatches(
-      self.dataset, global_batch_size, seed=seed, num_epochs=num_epochs
-    )
-
-  def eval_batches(self, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of the test set's batches, padded (``valid``)."""
-    ds = self.dataset
-    for x, y, valid in data.iterate_eval_batches(
-      ds.x_test,
-      ds.y_test,
-      global_batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    ):
-      yield {"image": x, "label": y, "valid": valid}
-
-  def describe(self) -> dict[str, Any]:
-    ds = self.dataset
-    return {
-      "dataset_name": ds.name,
-      "imbalance_ratio_used": ds.imbalance_ratio,
-      "num_classes": ds.num_classes,
-      "class_names": list(ds.class_names),
-      "num_train": len(ds.y_train),
-      "num_test": len(ds.y_test),
-      "image_shape": list(self.image_shape),
-    }
-
-
-class StreamData(NamedTuple):
-  """A streamed dataset (:mod:`shared.pipeline`): ``train`` and ``test`` sources,
-  decoded and augmented by ``workers`` grain processes of ``threads`` threads."""
-
-  spec: str
+  name: str
   train: pipeline.Source
   test: pipeline.Source
-  image_size: int
-  workers: int
-  threads: int
+  image_shape: tuple[int, ...]
+  imbalance_ratio: float
+  class_names: tuple[str, ...]
+  dataset: data.Dataset | None
+  loader_options: dict[str, int]
 
   @property
   def num_classes(self) -> int:
     return self.train.num_classes
-
-  @property
-  def image_shape(self) -> tuple[int, ...]:
-    return (self.image_size, self.image_size, 3)
-
-  @property
-  def num_test(self) -> int:
-    return len(self.test)
 
   def train_counts(self) -> np.ndarray:
     return pipeline.class_counts(self.train)
@@ -284,35 +162,28 @@ class StreamData(NamedTuple):
   def train_loader(
     self, global_batch_size: int, *, seed: int, num_epochs: int
   ) -> pipeline.Batches:
-    """The run's training batches: RandomResizedCrop and flip, uint8 images."""
+    """The run's training batches (RandomResizedCrop and flip if streamed)."""
     return pipeline.train_loader(
       self.train,
       global_batch_size=global_batch_size,
       seed=seed,
       num_epochs=num_epochs,
-      image_size=self.image_size,
-      workers=self.workers,
-      threads=self.threads,
+      **self.loader_options,
     )
 
   def eval_batches(self, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of the test set's batches, padded (``valid``)."""
     with pipeline.eval_loader(
-      self.test,
-      global_batch_size=global_batch_size,
-      image_size=self.image_size,
-      workers=self.workers,
-      threads=self.threads,
+      self.test, global_batch_size=global_batch_size, **self.loader_options
     ) as loader:
       yield from loader
 
   def describe(self) -> dict[str, Any]:
-    counts = self.train_counts()
     return {
-      "dataset_name": self.spec,
-      "imbalance_ratio_used": float(counts.max() / counts[counts > 0].min()),
+      "dataset_name": self.name,
+      "imbalance_ratio_used": self.imbalance_ratio,
       "num_classes": self.num_classes,
-      "class_names": [str(c) for c in range(self.num_classes)],
+      "class_names": list(self.class_names),
       "num_train": len(self.train),
       "num_test": len(self.test),
       "image_shape": list(self.image_shape),
@@ -320,23 +191,23 @@ class StreamData(NamedTuple):
 
 
 class Experiment(NamedTuple):
-  """What the runs share: ``config``, the ``data`` (:class:`ArrayData` or
-  :class:`StreamData`), ``train_counts``, the device ``mesh``, the per-channel
-  ``mean`` and ``std`` that normalize images, whether to ``augment`` on device
-  (crop-flip) and ``steps_per_epoch``."""
+  """What the runs share: ``config``, the ``data``, ``train_counts``, the device
+  ``mesh``, the per-channel ``mean`` and ``std`` that normalize images, the
+  ``augment``-ation (``crop-flip`` on device, ``random-resized-crop-flip`` in the
+  loader, ``none``) and ``steps_per_epoch``."""
 
   config: Config
-  data: ArrayData | StreamData
+  data: Data
   train_counts: np.ndarray
   mesh: Mesh
   mean: np.ndarray
   std: np.ndarray
-  augment: bool
+  augment: str
   steps_per_epoch: int
 
   @property
-  def dataset(self) -> data.Dataset:
-    """The in-memory dataset (:class:`ArrayData` only)."""
+  def dataset(self) -> data.Dataset | None:
+    """The in-memory dataset (``None`` if streamed)."""
     return self.data.dataset
 
   def tail_capacity(self, eta: float) -> int | None:
@@ -353,14 +224,10 @@ class Experiment(NamedTuple):
   def describe(self) -> dict[str, Any]:
     """Facts derived from the options and the data, for ``results.json``."""
     devices = self.mesh.devices
-    if isinstance(self.data, StreamData):
-      augment = "random-resized-crop-flip"
-    else:
-      augment = "crop-flip" if self.augment else "none"
     return {
       **self.data.describe(),
       "tau_used": self.config.effective_tau,
-      "augment_used": augment,
+      "augment_used": self.augment,
       "steps_per_epoch": self.steps_per_epoch,
       "num_devices": devices.size,
       "process_count": jax.process_count(),
@@ -368,30 +235,41 @@ class Experiment(NamedTuple):
     }
 
 
-def open_data(config: Config) -> ArrayData | StreamData:
-  """The ``--dataset``: loaded into memory, or its streamed sources opened."""
-  if not config.streamed:
-    return ArrayData(
-      data.load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        imbalance_ratio=config.imbalance_ratio,
-      )
+def open_data(config: Config, dataset: data.Dataset | None = None) -> Data:
+  """The ``--dataset`` (or ``dataset``): in memory, or its streamed sources."""
+  options = dict(
+    image_size=config.image_size, workers=config.workers, threads=config.threads
+  )
+  if dataset is None and config.streamed:
+    train, test = (
+      pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
+      for split in ("train", "test")
     )
+    counts, size = pipeline.class_counts(train), config.image_size
+    ratio = float(counts.max() / counts[counts > 0].min())
+    names = tuple(str(c) for c in range(len(counts)))
+    return Data(
+      config.dataset, train, test, (size, size, 3), ratio, names, None, options
+    )
+  ds = dataset or data.load_dataset(
+    config.dataset, data_dir=config.data_dir, imbalance_ratio=config.imbalance_ratio
+  )
   train, test = (
-    pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
-    for split in ("train", "test")
+    pipeline.ArraySource(x, y, ds.num_classes, name=f"{ds.name} {split}")
+    for split, x, y in (
+      ("train", ds.x_train, ds.y_train),
+      ("test", ds.x_test, ds.y_test),
+    )
   )
-  return StreamData(
-    config.dataset, train, test, config.image_size, config.workers, config.threads
-  )
+  shape, ratio = ds.x_train.shape[1:], ds.imbalance_ratio
+  return Data(ds.name, train, test, shape, ratio, ds.class_names, ds, options)
 
 
 def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
   """Opens the data (``dataset``, if given, in place of ``--dataset``) and sets up
   the devices; raises ``ValueError("--flag: ...")`` for options that do not fit."""
   config.check_devices()
-  source = open_data(config) if dataset is None else ArrayData(dataset)
+  source = open_data(config, dataset)
   counts = source.train_counts()
   if config.batch_size > counts.sum():
     raise ValueError(
@@ -402,16 +280,18 @@ def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
       raise ValueError(
         f"--eta: no class has fewer than {eta:g} training images (counts"
         f" {_show_counts(counts)}): ImbSAM would be plain SGD; raise --eta"
-        + ("" if isinstance(source, StreamData) else " or --imbalance-ratio")
+        + ("" if source.dataset is None else " or --imbalance-ratio")
       )
-  if isinstance(source, ArrayData):
+  if source.dataset is None:
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    augment = "random-resized-crop-flip"
+  else:
     x = data.to_float(source.dataset.x_train)
     mean, std = x.mean(axis=(0, 1, 2)), np.maximum(x.std(axis=(0, 1, 2)), 1e-6)
-    augment = config.augment == "crop-flip" or (
+    on_device = config.augment == "crop-flip" or (
       config.augment == "auto" and source.image_shape[:2] == (32, 32)
     )
-  else:
-    mean, std, augment = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), False
+    augment = "crop-flip" if on_device else "none"
   return Experiment(
     config=config,
     data=source,
@@ -420,7 +300,7 @@ def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
     mean=mean.astype(np.float32),
     std=std.astype(np.float32),
     augment=augment,
-    steps_per_epoch=data.steps_per_epoch(int(counts.sum()), config.batch_size),
+    steps_per_epoch=int(counts.sum()) // config.batch_size,
   )
 
 
@@ -506,7 +386,7 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
 
   def preprocess(key: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
     images = data.to_float(batch["image"])
-    if exp.augment:  # zero padding before normalisation, as torchvision's
+    if exp.augment == "crop-flip":  # zero padding, then normalisation (torchvision)
       images = training.random_crop_flip(key, images)
     return {**batch, "image": (images - mean) / std}
 
@@ -579,20 +459,6 @@ def checkpoint_dir(runs_dir: str | Path, cell: runner.Cell) -> Path:
   return Path(runs_dir) / "checkpoints" / cell.name
 
 
-def next_stop(config: Config, step: int, steps_per_epoch: int) -> int:
-  """The first step after ``step`` that ends an epoch or is a multiple of
-  ``--checkpoint-every-steps`` (or the last step).
-
-  >>> config = Config(epochs=2, checkpoint_every_steps=3)
-  >>> [next_stop(config, s, steps_per_epoch=5) for s in (0, 3, 5, 6, 9)]
-  [3, 5, 6, 9, 10]
-  """
-  stops = [(step // steps_per_epoch + 1) * steps_per_epoch]
-  if every := config.checkpoint_every_steps:
-    stops.append((step // every + 1) * every)
-  return min(*stops, config.epochs * steps_per_epoch)
-
-
 def checkpoint_due(config: Config, step: int, steps_per_epoch: int) -> bool:
   """Whether to checkpoint after ``step``: the last step, every
   ``--checkpoint-every`` epochs' end, every ``--checkpoint-every-steps``.
@@ -662,7 +528,11 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
   try:
     with loader:
       while position < total:
-        stop = next_stop(config, position, steps)
+        stop = next(  # the next epoch end or checkpoint
+          s
+          for s in itertools.count(position + 1)
+          if s % steps == 0 or checkpoint_due(config, s, steps)
+        )
         state, sums, _ = training.train_steps(
           run.train_step,
           state,
@@ -694,7 +564,7 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
       checkpointer.close()
   train_time = time.perf_counter() - started
   eval_batch = exp.mesh.size * -(
-    -min(config.eval_batch_size, exp.data.num_test) // exp.mesh.size
+    -min(config.eval_batch_size, len(exp.data.test)) // exp.mesh.size
   )
   counts = training.sum_over_batches(
     functools.partial(run.predict, state), exp.data.eval_batches(eval_batch), exp.mesh
@@ -928,6 +798,6 @@ def restore(run_entry: dict[str, Any], runs_dir: str | Path) -> Restored:
     )[0]
 
   inputs = None
-  if isinstance(exp.data, ArrayData):
+  if exp.dataset is not None:
     inputs = data.to_float(exp.dataset.x_train, exp.mean, exp.std)
   return Restored(exp, state, loss_fn, inputs)

@@ -12,7 +12,7 @@ import os
 import socket
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -172,91 +172,6 @@ def make_long_tailed(
   for c in range(num_classes):
     keep[np.flatnonzero(y == c)[: target[c]]] = True
   return x[keep], y[keep]
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder=True) -> int:
-  """Number of batches :func:`iterate_batches` yields per epoch.
-
-  >>> steps_per_epoch(10, 4), steps_per_epoch(10, 4, drop_remainder=False)
-  (2, 3)
-  """
-  return (
-    num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
-  )
-
-
-def iterate_batches(
-  x: np.ndarray,
-  y: np.ndarray,
-  batch_size: int,
-  *,
-  seed: int,
-  epoch: int,
-  shuffle: bool = True,
-  drop_remainder: bool = True,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields one epoch of ``(x, y)`` training batches, deterministically.
-
-  Order: ``np.random.default_rng((seed, epoch)).permutation(N)``, or dataset order.
-  Each process takes its contiguous slice of every global batch of ``batch_size``.
-
-  >>> x = np.arange(10)
-  >>> [b.tolist() for b, _ in iterate_batches(x, x, 4, seed=0, epoch=0,
-  ...                                          shuffle=False)]
-  [[0, 1, 2, 3], [4, 5, 6, 7]]
-  """
-  n = _check_batching(x, y, batch_size, process_index, process_count)
-  if drop_remainder and batch_size > n:
-    raise ValueError(f"batch_size={batch_size} > {n} examples: no batch to yield.")
-  rng = np.random.default_rng((seed, epoch))
-  order = rng.permutation(n) if shuffle else np.arange(n)
-  for step in range(steps_per_epoch(n, batch_size, drop_remainder=drop_remainder)):
-    global_batch = order[step * batch_size : (step + 1) * batch_size]
-    idx = np.array_split(global_batch, process_count)[process_index]
-    yield x[idx], y[idx]
-
-
-def iterate_eval_batches(
-  x: np.ndarray,
-  y: np.ndarray,
-  batch_size: int,
-  *,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields ``(x, y, valid)`` evaluation batches in order, zero-padded to one shape.
-
-  >>> x = np.arange(1, 6)
-  >>> for xb, yb, valid in iterate_eval_batches(x, x, 4):
-  ...   print(xb.tolist(), valid.tolist())
-  [1, 2, 3, 4] [True, True, True, True]
-  [5, 0, 0, 0] [True, False, False, False]
-  """
-  n = _check_batching(x, y, batch_size, process_index, process_count)
-  x, y = np.asarray(x), np.asarray(y)
-  local = batch_size // process_count
-  for start in range(0, n, batch_size):
-    rows = slice(start + process_index * local, start + (process_index + 1) * local)
-    yield _pad(x[rows], local), _pad(y[rows], local), np.arange(local) < len(y[rows])
-
-
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-  return np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
-
-
-def _check_batching(x, y, batch_size, process_index, process_count) -> int:
-  """Validates batching arguments; returns the number of examples."""
-  if len(x) != len(y):
-    raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
-  valid = 0 <= process_index < process_count and batch_size % process_count == 0
-  if batch_size < 1 or not valid:
-    raise ValueError(
-      "Need 0 <= process_index < process_count and a positive batch_size multiple of"
-      f" process_count; got {batch_size=}, {process_index=}, {process_count=}."
-    )
-  return len(x)
 
 
 def _as_labels(y: Any, what: str) -> np.ndarray:

@@ -12,7 +12,9 @@ A *source* (:func:`open_source`) is a random-access sequence of records
   TFDS's data source (as ``tfds.data_source``), images left encoded; ``val``
   and ``test`` are TFDS's ``validation`` split (its test split has no labels);
 - ``imagenet2012-lt:DIR``: the ImageNet-LT lists in DIR, images from prepared
-  TFDS ``imagenet2012`` records (:class:`TfdsListSource`).
+  TFDS ``imagenet2012`` records (:class:`TfdsListSource`);
+- :class:`ArraySource`: images already in memory (``shared.data``), which the
+  loaders slice whole batches at a time, as stored (no decoding, no resizing).
 
 A *loader* (:func:`train_loader`, :func:`eval_loader`) is a :class:`Batches`
 iterator over this process's rows of a stream of global batches of ``B`` images:
@@ -22,9 +24,9 @@ augmented in ``workers`` grain processes that each make whole batches. The
 processes' batches, concatenated in process order (what
 ``shared.training.shard_batch`` assembles), are therefore the same arrays for any
 process count and any number of workers, and a position (batches consumed) is
-the whole iterator state. The training stream is ``num_epochs`` epochs, each a
-permutation of the records (grain's ``index_shuffle``, seeded from ``seed`` and
-the epoch) cut to ``N // B`` whole batches; augmentation draws from
+the whole iterator state. The training stream is ``num_epochs`` epochs, each the
+permutation ``numpy.random.default_rng((seed, epoch)).permutation(N)`` of the
+records cut to ``N // B`` whole batches; augmentation draws from
 ``numpy.random.default_rng((seed, position))``. (grain's ``DataLoader`` with an
 ``IndexSampler`` sharded by JAX process would give each process a fixed block of
 the list, and batches that change with the number of workers.)
@@ -358,6 +360,54 @@ def _positions(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
   return np.where(names[order][at] == wanted, order[at], -1)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+  """Images in memory: ``x`` ``(N, H, W, C)`` (any dtype) and int ``labels``.
+
+  The loaders take whole batches of it at once (:meth:`gather`), as stored.
+  ``num_classes`` defaults to the largest label + 1; ``name`` says what the
+  arrays are in loader states.
+
+  >>> ArraySource(np.zeros((5, 8, 8, 1), np.uint8), np.arange(5) % 2, name="toy")
+  ArraySource('toy', x=(5, 8, 8, 1) uint8, 2 classes)
+  """
+
+  x: np.ndarray
+  labels: np.ndarray
+  num_classes: int | None = None
+  name: str = "arrays"
+
+  def __post_init__(self) -> None:
+    if len(self.x) != len(self.labels):
+      raise ValueError(
+        f"x and labels differ in length: {len(self.x)} vs {len(self.labels)}."
+      )
+    if self.num_classes is None:
+      classes = int(np.max(self.labels, initial=-1)) + 1
+      object.__setattr__(self, "num_classes", classes)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.x[index], "label": int(self.labels[index])}
+
+  def gather(self, rows: tuple[np.ndarray, np.ndarray], *, valid: bool) -> dict:
+    """The batch of ``rows`` = ``(stream positions, record indices)``; index -1
+    is padding, zeros (with ``valid`` False if ``valid``)."""
+    index = rows[1]
+    padding = index < 0
+    image, label = self.x[np.maximum(index, 0)], self.labels[np.maximum(index, 0)]
+    image[padding], label[padding] = 0, 0
+    return {"image": image, "label": label, **({"valid": ~padding} if valid else {})}
+
+  def __repr__(self) -> str:
+    x = self.x
+    return (
+      f"ArraySource({self.name!r}, x={x.shape} {x.dtype}, {self.num_classes} classes)"
+    )
+
+
 # ---------------------------------------------------------------- transforms
 
 
@@ -468,7 +518,8 @@ class _Stream:
   """Local position -> ``(stream position, record index)``; -1 is padding.
 
   Epoch ``e`` covers stream positions ``e S B .. (e + 1) S B - 1`` (``S`` steps of
-  ``B``); position ``e S B + k`` is record ``order[e N + k]`` if ``k < N``.
+  ``B``); position ``e S B + k`` is record ``order_e[k]`` if ``k < N``, with
+  ``order_e`` the epoch's permutation (``seed``) or the records' order (``None``).
   """
 
   def __init__(
@@ -479,24 +530,29 @@ class _Stream:
     num_epochs: int,
     process_index: int,
     process_count: int,
-    order: grain.MapDataset | None,
+    seed: int | None,
   ):
     self._n, self._batch, self._steps = num_records, batch_size, steps
-    self._local = batch_size // process_count
-    self._offset = process_index * self._local
-    self._len = steps * num_epochs * self._local
-    self._order = order
+    self.local = batch_size // process_count
+    self._offset = process_index * self.local
+    self._len = steps * num_epochs * self.local
+    self._seed, self._order = seed, (-1, None)
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, index: int) -> tuple[int, int]:
-    step, row = divmod(index, self._local)
+    step, row = divmod(index, self.local)
     position = step * self._batch + self._offset + row
     epoch, k = divmod(position, self._steps * self._batch)
     if k >= self._n:
       return position, -1
-    return position, int(k if self._order is None else self._order[epoch * self._n + k])
+    if self._seed is None:
+      return position, k
+    if self._order[0] != epoch:  # one permutation per epoch, made when first read
+      rng = np.random.default_rng((self._seed, epoch))
+      self._order = (epoch, rng.permutation(self._n))
+    return position, int(self._order[1][k])
 
 
 class Resumable:
@@ -615,18 +671,15 @@ def train_loader(
 
   Batches: ``{"image": uint8 (B/P, S, S, 3), "label": int32 (B/P,)}``,
   RandomResizedCrop to ``S = image_size`` (scale :data:`SCALE`, ratio
-  :data:`RATIO`) and a horizontal flip with probability 1/2. ``workers``: grain
-  processes (0: this one), each with ``threads`` reading threads; process index
-  and count default to JAX's.
+  :data:`RATIO`) and a horizontal flip with probability 1/2 (an
+  :class:`ArraySource`'s images as stored). ``workers``: grain processes (0:
+  this one), each with ``threads`` reading threads; process index and count
+  default to JAX's.
   """
   process_index, process_count = _process(process_index, process_count)
   _check_batching(global_batch_size, process_index, process_count, seed)
   if (steps := len(source) // global_batch_size) == 0:
     raise ValueError(f"global_batch_size={global_batch_size} > {len(source)} images.")
-  order = None
-  if shuffle:
-    mixed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-    order = grain.MapDataset.range(len(source)).shuffle(seed=mixed)
   stream = _Stream(
     len(source),
     global_batch_size,
@@ -634,17 +687,16 @@ def train_loader(
     num_epochs,
     process_index,
     process_count,
-    order,
+    seed if shuffle else None,
   )
-  examples = grain.MapDataset.source(stream).map(
-    _TrainExample(source, image_size, seed)
-  )
+  example = _TrainExample(source, image_size, seed)
+  examples = _batches(source, stream, example, evaluation=False)
   description = (
     f"train_loader({source!r}, global_batch_size={global_batch_size}, seed={seed},"
     f" num_epochs={num_epochs}, image_size={image_size}, shuffle={shuffle})"
   )
   return Batches(
-    examples.batch(global_batch_size // process_count, drop_remainder=True),
+    examples,
     steps_per_epoch=steps,
     workers=workers,
     threads=threads,
@@ -666,7 +718,8 @@ def eval_loader(
 
   Batches: ``{"image": uint8 (B/P, S, S, 3), "label": int32, "valid": bool}``:
   shorter side resized to ``S`` x :data:`EVAL_RESIZE` (256 for 224), centre crop
-  ``S``; padding rows (after the last record) are zeros with ``valid`` False.
+  ``S`` (an :class:`ArraySource`'s images as stored); padding rows (after the
+  last record) are zeros with ``valid`` False.
   """
   process_index, process_count = _process(process_index, process_count)
   _check_batching(global_batch_size, process_index, process_count, seed=0)
@@ -674,18 +727,31 @@ def eval_loader(
   stream = _Stream(
     len(source), global_batch_size, steps, 1, process_index, process_count, None
   )
-  examples = grain.MapDataset.source(stream).map(_EvalExample(source, image_size))
+  examples = _batches(source, stream, _EvalExample(source, image_size), evaluation=True)
   description = (
     f"eval_loader({source!r}, global_batch_size={global_batch_size},"
     f" image_size={image_size})"
   )
   return Batches(
-    examples.batch(global_batch_size // process_count),
+    examples,
     steps_per_epoch=steps,
     workers=workers,
     threads=threads,
     description=description,
   )
+
+
+def _batches(
+  source: Source, stream: _Stream, example: Any, *, evaluation: bool
+) -> grain.MapDataset:
+  """The stream's batches of this process: gathered whole from an
+  :class:`ArraySource` (with ``valid`` for ``evaluation``), else ``example``
+  made of each record, then stacked."""
+  dataset = grain.MapDataset.source(stream)
+  if isinstance(source, ArraySource):
+    gather = functools.partial(source.gather, valid=evaluation)
+    return dataset.batch(stream.local).map(gather)
+  return dataset.map(example).batch(stream.local)
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:

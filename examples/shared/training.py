@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imbsam_jax
 import imbsam_jax.flax
-from shared import data
+from shared import pipeline
 from shared.runner import METHODS
 
 #: ``per_example_loss(model, batch) -> (losses (B,), dict of scalar metrics)``.
@@ -252,15 +252,9 @@ def evaluate(
   """``fn`` over all of ``x`` in fixed-shape global batches, in order (any process
   count; the batch is rounded to a multiple of the devices)."""
   batch_size = mesh.size * -(-min(batch_size, len(x)) // mesh.size)
-  outs = []
-  for xb, _, _ in data.iterate_eval_batches(
-    x,
-    np.zeros(len(x), np.int32),
-    batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    out = fn(shard_batch(xb, mesh))
+  source, outs = pipeline.ArraySource(x, np.zeros(len(x), np.int32)), []
+  for batch in pipeline.eval_loader(source, global_batch_size=batch_size):
+    out = fn(shard_batch(batch["image"], mesh))
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
     outs.append(np.asarray(out))
