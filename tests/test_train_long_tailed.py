@@ -209,6 +209,11 @@ def test_options_defaults_presets_and_aliases():
   assert swept.seed == (0, 1) and swept.method == ("base", "imbsam")
   assert options.sweep_values(swept) == {"rho": (0.01, 0.1), "eta": (20.0,)}
   assert options.from_json(Config, options.to_json(swept)) == swept
+  # A checkpoint's fingerprint: what trains, not where, how or which run.
+  moved = parse("--out", "elsewhere", "--workers", "4", "--seeds", "3", "--rho", "0.1")
+  assert options.fingerprint(moved) == options.fingerprint(config)
+  assert "out" not in options.fingerprint(config)
+  assert options.fingerprint(parse("--lr", "0.2")) != options.fingerprint(config)
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,9 @@ class Config:
   """A long-tailed experiment: every method x seed x (rho, eta) setting."""
 
   preset: str | None = option(
-    None, "named preset (below); --dataset implies the preset of the same name"
+    None,
+    "named preset (below); --dataset implies the preset of the same name",
+    fingerprint=False,
   )
   dataset: str = option(
     "digits-lt",
@@ -118,12 +120,14 @@ class Config:
     flags=("--optimizer",),
     choices=runner.METHODS,
     parse=lambda m: runner.method_name(m, aliases=("sgd",)),
+    fingerprint=False,
   )
   seed: tuple[int, ...] = option(
     (0,),
     "seeds (initialisation, data order, augmentation)",
     flags=("--seeds",),
     unique=True,
+    fingerprint=False,
   )
   model: str = option("small_cnn", "network", choices=CLASSIFIERS)
   norm: str | None = option(
@@ -138,7 +142,9 @@ class Config:
   batch_size: int = option(
     32, "global batch size, divisible by the device count", check=POSITIVE
   )
-  eval_batch_size: int = option(500, "global test batch size", check=POSITIVE)
+  eval_batch_size: int = option(
+    500, "global test batch size", check=POSITIVE, fingerprint=False
+  )
   lr: float = option(0.05, "peak learning rate", check=POSITIVE)
   momentum: float = option(0.9, "SGD momentum", check=FRACTION)
   weight_decay: float = option(5e-4, "coupled weight decay", check=NON_NEGATIVE)
@@ -149,13 +155,18 @@ class Config:
   )
   warmup_epochs: int = option(0, "linear warm-up epochs", check=NON_NEGATIVE)
   rho: tuple[float, ...] = option(
-    (0.05,), "SAM / ImbSAM perturbation radius", check=NON_NEGATIVE, sweep=True
+    (0.05,),
+    "SAM / ImbSAM perturbation radius",
+    check=NON_NEGATIVE,
+    sweep=True,
+    fingerprint=False,
   )
   eta: tuple[float, ...] = option(
     (20.0,),
     "ImbSAM tail: classes with fewer training images than eta",
     check=POSITIVE,
     sweep=True,
+    fingerprint=False,
   )
   tail_loss_scale: float = option(
     1.0,
@@ -196,9 +207,13 @@ class Config:
     0,
     "streamed data: grain processes decoding images (0: in this process)",
     check=NON_NEGATIVE,
+    fingerprint=False,
   )
   threads: int = option(
-    0, "streamed data: reading threads per grain process", check=NON_NEGATIVE
+    0,
+    "streamed data: reading threads per grain process",
+    check=NON_NEGATIVE,
+    fingerprint=False,
   )
   many_threshold: int = option(
     50, "Many split: more training images than this", check=NON_NEGATIVE
@@ -207,37 +222,45 @@ class Config:
     20, "Few split: fewer training images than this", check=NON_NEGATIVE
   )
   devices: int | None = option(
-    None, "use the first N devices (none: all)", check=POSITIVE
+    None, "use the first N devices (none: all)", check=POSITIVE, fingerprint=False
   )
-  out: str = option("runs/long_tailed", "output directory")
-  resume: bool = option(False, "continue each run from its newest checkpoint")
+  out: str = option("runs/long_tailed", "output directory", fingerprint=False)
+  resume: bool = option(
+    False, "continue each run from its newest checkpoint", fingerprint=False
+  )
   checkpoint_every: int = option(
     1,
     "epochs between checkpoints (the last is always kept); 0: none but those of"
     " --checkpoint-every-steps",
     check=NON_NEGATIVE,
+    fingerprint=False,
   )
   checkpoint_every_steps: int = option(
     0,
     "also checkpoint every N training steps, mid-epoch too (exact resume); 0: no",
     check=NON_NEGATIVE,
+    fingerprint=False,
   )
   keep_checkpoints: int = option(
-    2, "checkpoints kept per run (the newest)", check=POSITIVE
+    2, "checkpoints kept per run (the newest)", check=POSITIVE, fingerprint=False
   )
-  progress: bool = option(True, "show a progress bar")
+  progress: bool = option(True, "show a progress bar", fingerprint=False)
   coordinator: str | None = option(
     None,
     "several processes (hosts): HOST:PORT of process 0, with --num-processes and"
     " --process-id; or auto: jax.distributed.initialize() detects the cluster"
     " (TPU pod slice, SLURM, Open MPI); none: one process",
     parse=coordinator_address,
+    fingerprint=False,
   )
   num_processes: int | None = option(
-    None, "with --coordinator: how many processes", check=POSITIVE
+    None, "with --coordinator: how many processes", check=POSITIVE, fingerprint=False
   )
   process_id: int | None = option(
-    None, "with --coordinator: this process's index, 0 .. N - 1", check=NON_NEGATIVE
+    None,
+    "with --coordinator: this process's index, 0 .. N - 1",
+    check=NON_NEGATIVE,
+    fingerprint=False,
   )
 
   @property

@@ -420,35 +420,9 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
   )
 
 
-#: Options a checkpoint may be resumed across (the cell's own come with it).
-_NOT_FINGERPRINTED = set(
-  [
-    "preset",
-    "method",
-    "seed",
-    "rho",
-    "eta",
-    "out",
-    "resume",
-    "progress",
-    "devices",
-    "checkpoint_every",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "eval_batch_size",
-    "workers",
-    "threads",
-    "coordinator",
-    "num_processes",
-    "process_id",
-  ]
-)
-
-
 def fingerprint(exp: Experiment, cell: runner.Cell) -> dict[str, Any]:
   """What must match for a checkpoint to be resumed."""
-  config = options.to_json(exp.config)
-  made = {k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED}
+  made = options.fingerprint(exp.config)
   made.update(
     method=cell.method, seed=cell.seed, train_counts=exp.train_counts.tolist()
   )

@@ -51,6 +51,7 @@ def option(
   sweep: bool = False,
   unique: bool | None = None,
   none_word: str = "none",
+  fingerprint: bool = True,
 ) -> Any:
   """A config field: its default and everything the command line needs.
 
@@ -65,10 +66,14 @@ def option(
     sweep: a tuple of values, each one a setting of the grid.
     unique: reject repeated values in a tuple (default: for sweeps and choices).
     none_word: the word that sets an optional field to ``None``.
+    fingerprint: part of :func:`fingerprint`; ``False`` for options a run may
+      resume with another value of (where and how it runs) or that each run has
+      its own value of (method, seed, sweeps).
   """
   unique = sweep or choices is not None if unique is None else unique
   metadata = dict(help=help, flags=tuple(flags), choices=choices, check=check)
   metadata.update(parse=parse, sweep=sweep, unique=unique, none_word=none_word)
+  metadata.update(fingerprint=fingerprint)
   return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -236,6 +241,13 @@ def to_json(config: Any) -> dict[str, Any]:
   """The config as a JSON-ready dict (tuples become lists)."""
   values = dataclasses.asdict(config)
   return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def fingerprint(config: Any) -> dict[str, Any]:
+  """:func:`to_json` of the options that make a run what it is: those a
+  checkpoint must have been made with to be resumed."""
+  keep = {f.name for f in dataclasses.fields(config) if f.metadata["fingerprint"]}
+  return {k: v for k, v in to_json(config).items() if k in keep}
 
 
 def from_json(cls: type, values: Mapping[str, Any]) -> Any:
