@@ -364,7 +364,7 @@ def _positions(names: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 class ArraySource:
   """Images in memory: ``x`` ``(N, H, W, C)`` (any dtype) and int ``labels``.
 
-  The loaders take whole batches of it at once (:meth:`gather`), as stored.
+  The loaders slice whole batches of it at once, as stored.
   ``num_classes`` defaults to the largest label + 1; ``name`` says what the
   arrays are in loader states.
 
@@ -391,15 +391,6 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"image": self.x[index], "label": int(self.labels[index])}
-
-  def gather(self, rows: tuple[np.ndarray, np.ndarray], *, valid: bool) -> dict:
-    """The batch of ``rows`` = ``(stream positions, record indices)``; index -1
-    is padding, zeros (with ``valid`` False if ``valid``)."""
-    index = rows[1]
-    padding = index < 0
-    image, label = self.x[np.maximum(index, 0)], self.labels[np.maximum(index, 0)]
-    image[padding], label[padding] = 0, 0
-    return {"image": image, "label": label, **({"valid": ~padding} if valid else {})}
 
   def __repr__(self) -> str:
     x = self.x
@@ -511,6 +502,25 @@ class _EvalExample:
     return {"image": pixels, "label": np.int32(record["label"]), "valid": np.True_}
 
 
+@dataclasses.dataclass(frozen=True)
+class _ArrayBatch:
+  """Step -> this process's rows of that global batch, sliced from ``source``;
+  padding rows are zeros (``valid`` False, given for ``evaluation``)."""
+
+  source: ArraySource
+  stream: _Stream
+  evaluation: bool
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    _, index = self.stream.rows(step)
+    padding = index < 0
+    rows = np.maximum(index, 0)
+    image, label = self.source.x[rows], self.source.labels[rows]
+    image[padding], label[padding] = 0, 0
+    batch = {"image": image, "label": label}
+    return {**batch, "valid": ~padding} if self.evaluation else batch
+
+
 # ------------------------------------------------------------------ loaders
 
 
@@ -543,16 +553,22 @@ class _Stream:
 
   def __getitem__(self, index: int) -> tuple[int, int]:
     step, row = divmod(index, self.local)
-    position = step * self._batch + self._offset + row
-    epoch, k = divmod(position, self._steps * self._batch)
-    if k >= self._n:
-      return position, -1
-    if self._seed is None:
-      return position, k
-    if self._order[0] != epoch:  # one permutation per epoch, made when first read
-      rng = np.random.default_rng((self._seed, epoch))
-      self._order = (epoch, rng.permutation(self._n))
-    return position, int(self._order[1][k])
+    positions, records = self.rows(step, slice(row, row + 1))
+    return int(positions[0]), int(records[0])
+
+  def rows(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Stream positions and record indices of this process's ``rows`` of global
+    batch ``step``."""
+    positions = step * self._batch + self._offset + np.arange(self.local)[rows]
+    epoch = step // self._steps
+    k = positions - epoch * self._steps * self._batch
+    records = k
+    if self._seed is not None:
+      if self._order[0] != epoch:  # one permutation per epoch, made when first read
+        rng = np.random.default_rng((self._seed, epoch))
+        self._order = (epoch, rng.permutation(self._n))
+      records = self._order[1][np.minimum(k, self._n - 1)]
+    return positions, np.where(k < self._n, records, -1)
 
 
 class Resumable:
@@ -747,11 +763,10 @@ def _batches(
   """The stream's batches of this process: gathered whole from an
   :class:`ArraySource` (with ``valid`` for ``evaluation``), else ``example``
   made of each record, then stacked."""
-  dataset = grain.MapDataset.source(stream)
   if isinstance(source, ArraySource):
-    gather = functools.partial(source.gather, valid=evaluation)
-    return dataset.batch(stream.local).map(gather)
-  return dataset.map(example).batch(stream.local)
+    steps = grain.MapDataset.range(len(stream) // stream.local)
+    return steps.map(_ArrayBatch(source, stream, evaluation))
+  return grain.MapDataset.source(stream).map(example).batch(stream.local)
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
