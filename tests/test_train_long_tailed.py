@@ -390,24 +390,31 @@ def test_same_seed_same_numbers(reference, npz_file, tmp_path):
   assert comparable(other)[0]["history"] != comparable(results)[0]["history"]
 
 
+class Killed(Exception):
+  """Stands for a killed training process."""
+
+
+def run_killed(monkeypatch, args, *, at_step: int) -> None:
+  """``long_tailed.main(args)``, killed when a stretch of training would start
+  at step ``at_step`` or later (after the checkpoints before it)."""
+  train_steps = long_tailed.training.train_steps
+
+  def stop(*a, first_step, **kwargs):
+    if first_step >= at_step:
+      raise Killed
+    return train_steps(*a, first_step=first_step, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(long_tailed.training, "train_steps", stop)
+    with pytest.raises(Killed):
+      long_tailed.main(args)
+
+
 def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeypatch):
   _, full = reference
   args = npz_args(npz_file, tmp_path, *REFERENCE, "--optimizer", "imbsam")
 
-  class Interrupt(Exception):
-    pass
-
-  train_steps = long_tailed.training.train_steps
-
-  def stop_in_second_epoch(*args, first_step, **kwargs):
-    if first_step > 0:
-      raise Interrupt
-    return train_steps(*args, first_step=first_step, **kwargs)
-
-  with monkeypatch.context() as patch:
-    patch.setattr(long_tailed.training, "train_steps", stop_in_second_epoch)
-    with pytest.raises(Interrupt):
-      long_tailed.main(args)
+  run_killed(monkeypatch, args, at_step=1)  # in the second epoch
   ckpt = tmp_path / "checkpoints" / "imbsam_rho0.05_eta20_seed0"
   assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["5"]  # steps
 
@@ -593,20 +600,7 @@ def test_step_checkpoint_resume_mid_epoch_is_exact(
   full_out, full = streamed
   args = streamed_args(list_spec, tmp_path)
 
-  class Interrupt(Exception):
-    pass
-
-  train_steps = long_tailed.training.train_steps
-
-  def stop_after_step_6(*args, first_step, **kwargs):
-    if first_step >= 6:
-      raise Interrupt
-    return train_steps(*args, first_step=first_step, **kwargs)
-
-  with monkeypatch.context() as patch:
-    patch.setattr(long_tailed.training, "train_steps", stop_after_step_6)
-    with pytest.raises(Interrupt):
-      long_tailed.main(args)
+  run_killed(monkeypatch, args, at_step=6)
   name = "imbsam_rho0.05_eta20_seed0"
   ckpt = tmp_path / "checkpoints" / name
   assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [5, 6]
