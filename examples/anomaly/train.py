@@ -335,15 +335,16 @@ def fit(
   # Copies: the step donates its state, and the clone shares the arrays.
   state = training.replicate(jax.tree.map(jnp.array, state), mesh)
   history, source = [], pipeline.ArraySource(x, labels)
-  loader = pipeline.train_loader(
+  with pipeline.train_loader(
     source, global_batch_size=config.batch_size, seed=seed, num_epochs=epochs
-  )
-  for epoch in range(epochs):
-    batches = itertools.islice(loader, loader.steps_per_epoch)
-    state, means = training.train_epoch(step, state, batches, mesh, jax.random.key(0))
-    history.append(means["loss"])
-    if log is not None:
-      log.write({"epoch": epoch + 1, **means})
+  ) as loader:
+    for epoch in range(epochs):
+      batches = itertools.islice(loader, loader.steps_per_epoch)
+      key = jax.random.key(0)
+      state, means = training.train_epoch(step, state, batches, mesh, key)
+      history.append(means["loss"])
+      if log is not None:
+        log.write({"epoch": epoch + 1, **means})
   return nnx.merge(graphdef, state.params, state.model_state), history
 
 
