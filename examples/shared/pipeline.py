@@ -571,34 +571,7 @@ class _Stream:
     return positions, np.where(k < self._n, records, -1)
 
 
-class Resumable:
-  """An iterator of batches whose state is its position and what it reads.
-
-  Subclasses set ``position`` (batches consumed) and ``_description`` (a string
-  naming the data and options), and implement :meth:`_seek`.
-  """
-
-  position: int
-  _description: str
-
-  def get_state(self) -> dict[str, Any]:
-    """``{"position": batches consumed, "loader": what this loader reads}``."""
-    return {"position": self.position, "loader": self._description}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Continues from a :meth:`get_state` of a loader of the same data and options."""
-    if state["loader"] != self._description:
-      raise ValueError(
-        f"iterator state of another loader: saved for {state['loader']}, this is"
-        f" {self._description}."
-      )
-    self._seek(int(state["position"]))
-
-  def _seek(self, position: int) -> None:
-    raise NotImplementedError
-
-
-class Batches(Resumable):
+class Batches:
   """An iterator of one process's batches that knows its position.
 
   ``len()`` is the number of batches of the whole stream, ``position`` the number
@@ -623,6 +596,20 @@ class Batches(Resumable):
     self._batches, self._workers, self._threads = batches, workers, threads
     self._description = description
     self._iterator: grain.DatasetIterator | None = None
+
+  def get_state(self) -> dict[str, Any]:
+    """``{"position": batches consumed, "loader": what this loader reads}``."""
+    return {"position": self.position, "loader": self._description}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a :meth:`get_state` of a loader of the same data and options."""
+    if state["loader"] != self._description:
+      raise ValueError(
+        f"iterator state of another loader: saved for {state['loader']}, this is"
+        f" {self._description}."
+      )
+    self.close()
+    self.position = int(state["position"])
 
   def __len__(self) -> int:
     return len(self._batches)
@@ -652,10 +639,6 @@ class Batches(Resumable):
       )
       dataset = dataset.mp_prefetch(options)
     return iter(dataset)
-
-  def _seek(self, position: int) -> None:
-    self.close()
-    self.position = position
 
   def close(self) -> None:
     """Stops the workers; iterating again restarts them at :attr:`position`."""
@@ -705,19 +688,12 @@ def train_loader(
     process_count,
     seed if shuffle else None,
   )
-  example = _TrainExample(source, image_size, seed)
-  examples = _batches(source, stream, example, evaluation=False)
   description = (
     f"train_loader({source!r}, global_batch_size={global_batch_size}, seed={seed},"
     f" num_epochs={num_epochs}, image_size={image_size}, shuffle={shuffle})"
   )
-  return Batches(
-    examples,
-    steps_per_epoch=steps,
-    workers=workers,
-    threads=threads,
-    description=description,
-  )
+  example = _TrainExample(source, image_size, seed)
+  return _loader(source, stream, example, steps, workers, threads, description)
 
 
 def eval_loader(
@@ -743,30 +719,39 @@ def eval_loader(
   stream = _Stream(
     len(source), global_batch_size, steps, 1, process_index, process_count, None
   )
-  examples = _batches(source, stream, _EvalExample(source, image_size), evaluation=True)
   description = (
     f"eval_loader({source!r}, global_batch_size={global_batch_size},"
     f" image_size={image_size})"
   )
+  example = _EvalExample(source, image_size)
+  return _loader(source, stream, example, steps, workers, threads, description)
+
+
+def _loader(
+  source: Source,
+  stream: _Stream,
+  example: _TrainExample | _EvalExample,
+  steps_per_epoch: int,
+  workers: int,
+  threads: int,
+  description: str,
+) -> Batches:
+  """The stream's batches of this process: sliced whole from an
+  :class:`ArraySource` (with ``valid`` for evaluation), else ``example`` made of
+  each record, then stacked."""
+  if isinstance(source, ArraySource):
+    evaluation = isinstance(example, _EvalExample)
+    batches = grain.MapDataset.range(len(stream) // stream.local)
+    batches = batches.map(_ArrayBatch(source, stream, evaluation))
+  else:
+    batches = grain.MapDataset.source(stream).map(example).batch(stream.local)
   return Batches(
-    examples,
-    steps_per_epoch=steps,
+    batches,
+    steps_per_epoch=steps_per_epoch,
     workers=workers,
     threads=threads,
     description=description,
   )
-
-
-def _batches(
-  source: Source, stream: _Stream, example: Any, *, evaluation: bool
-) -> grain.MapDataset:
-  """The stream's batches of this process: gathered whole from an
-  :class:`ArraySource` (with ``valid`` for ``evaluation``), else ``example``
-  made of each record, then stacked."""
-  if isinstance(source, ArraySource):
-    steps = grain.MapDataset.range(len(stream) // stream.local)
-    return steps.map(_ArrayBatch(source, stream, evaluation))
-  return grain.MapDataset.source(stream).map(example).batch(stream.local)
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
