@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -95,58 +94,3 @@ def test_split_accuracy_end_to_end_on_cifar100_lt_profile():
     assert result[split] == pytest.approx(
       np.mean(predictions[mask[labels]] == labels[mask[labels]])
     )
-
-
-# ------------------------------------------------------------------- AUROC
-
-
-def test_auroc_hand_computed():
-  assert metrics.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-  assert metrics.auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
-  assert metrics.auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
-  assert metrics.auroc([5, 5, 5, 5], [0, 1, 0, 1]) == 0.5
-  # Ties count 1/2: pairs (anomaly, normal): (2,1) win, (2,2) tie, (3,*) wins.
-  assert metrics.auroc([1, 2, 2, 3], [0, 0, 1, 1]) == pytest.approx(7 / 8)
-  assert metrics.auroc([-np.inf, 0.0, np.inf], [0, 1, 1]) == 1.0
-  assert metrics.auroc(jnp.array([0.2, 0.9]), jnp.array([False, True])) == 1.0
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_auroc_and_roc_curve_match_sklearn_with_ties(seed):
-  rng = np.random.default_rng(seed)
-  n = 200
-  is_anomaly = rng.random(n) < 0.2
-  # Coarse scores: many ties, shifted up for anomalies.
-  scores = np.round(rng.normal(size=n) + is_anomaly, 1)
-  assert len(np.unique(scores)) < n
-  expected = skm.roc_auc_score(is_anomaly, scores)
-  assert metrics.auroc(scores, is_anomaly) == pytest.approx(expected, abs=1e-12)
-  fpr, tpr = metrics.roc_curve(scores, is_anomaly)
-  sk_fpr, sk_tpr, _ = skm.roc_curve(is_anomaly, scores, drop_intermediate=False)
-  np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
-  np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
-  assert np.trapezoid(tpr, fpr) == pytest.approx(expected, abs=1e-12)
-
-
-def test_roc_curve_hand_computed():
-  fpr, tpr = metrics.roc_curve([1, 2, 2, 3], [0, 0, 1, 1])
-  np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
-  np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
-  assert fpr.dtype == tpr.dtype == np.float64
-
-
-@pytest.mark.parametrize(
-  "scores,is_anomaly,match",
-  [
-    ([0.1, 0.2], [1, 1], "both anomalies and normal"),
-    ([0.1, 0.2], [0, 0], "both anomalies and normal"),
-    ([0.1, np.nan], [0, 1], "NaN"),
-    ([0.1, 0.2, 0.3], [0, 1], "one length"),
-    (np.zeros((2, 2)), np.zeros((2, 2)), "1-D"),
-  ],
-)
-def test_auroc_and_roc_curve_errors(scores, is_anomaly, match):
-  with pytest.raises(ValueError, match=match):
-    metrics.auroc(scores, is_anomaly)
-  with pytest.raises(ValueError, match=match):
-    metrics.roc_curve(scores, is_anomaly)

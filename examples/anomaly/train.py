@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import sklearn.metrics
 from flax import nnx
 
 import imbsam_jax
@@ -32,7 +33,6 @@ from anomaly.config import Config
 from imbsam_jax import LABELED_ANOMALY
 from shared import (
   data,
-  metrics,
   models,
   options,
   pipeline,
@@ -438,8 +438,8 @@ def train_and_evaluate(
   is_anomaly = dataset.y_test != s["normal_class"]
   auc = curve = None
   if np.all(np.isfinite(scores)):
-    auc = metrics.auroc(scores, is_anomaly)
-    curve = metrics.roc_curve(scores, is_anomaly)
+    auc = float(sklearn.metrics.roc_auc_score(is_anomaly, scores))
+    curve = sklearn.metrics.roc_curve(is_anomaly, scores)[:2]
   curves.append(curve)
   bar.update(1)
   bar.set_postfix(auroc="not finite" if auc is None else f"{auc:.3f}")

@@ -1,8 +1,8 @@
-"""Evaluation metrics of the example applications, as small NumPy functions.
+"""Evaluation metrics of the long-tailed applications, as small NumPy functions.
 
 Per-class accuracy from counts and its Many / Medium / Few breakdown (by *training*
-class counts) for long-tailed classification; AUROC and ROC curves, ties counted as
-half (as ``sklearn.metrics.roc_auc_score``), for anomaly detection.
+class counts). Anomaly detection's AUROC and ROC curves are scikit-learn's
+(``sklearn.metrics.roc_auc_score``, ``roc_curve``), as in Deep SAD's code.
 """
 
 from __future__ import annotations
@@ -63,58 +63,6 @@ def split_accuracy(
     values = acc[mask & ~np.isnan(acc)]
     result[split] = float(values.mean()) if values.size else None
   return result
-
-
-def _roc_counts(scores: Any, is_anomaly: Any) -> tuple[np.ndarray, np.ndarray]:
-  """False and true positives above each distinct score, from ``(0, 0)``."""
-  scores, positive = np.asarray(scores, np.float64), np.asarray(is_anomaly).astype(bool)
-  if scores.ndim != 1 or scores.shape != positive.shape:
-    raise ValueError(
-      f"scores {scores.shape} and is_anomaly {positive.shape} must be 1-D, one length."
-    )
-  if np.isnan(scores).any():
-    raise ValueError("scores contain NaN.")
-  if positive.all() or not positive.any():
-    raise ValueError(
-      "AUROC needs both anomalies and normal examples; is_anomaly is all"
-      f" {bool(positive[0]) if positive.size else 'empty'}."
-    )
-  order = np.argsort(-scores, kind="stable")
-  scores, positive = scores[order], positive[order]
-  # Last index of each run of equal scores: a threshold between runs.
-  ends = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]
-  true_pos = np.r_[0, np.cumsum(positive)[ends]]
-  return np.r_[0, ends + 1] - true_pos, true_pos
-
-
-def auroc(scores: Any, is_anomaly: Any) -> float:
-  """Area under the ROC curve (a higher score is more anomalous), ties counting 1/2.
-
-  .. math::
-    \\mathrm{AUROC} = P(s_+ > s_-) + \\tfrac12 P(s_+ = s_-)
-
-  Computed exactly from integer counts, so equal to
-  ``sklearn.metrics.roc_auc_score``. Both classes must occur; no NaN scores.
-
-  >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]), auroc([1, 1, 0], [1, 0, 0])
-  (0.75, 0.75)
-  """
-  false_pos, true_pos = _roc_counts(scores, is_anomaly)
-  area = np.sum(np.diff(false_pos) * (true_pos[1:] + true_pos[:-1]))
-  return float(area / (2 * false_pos[-1] * true_pos[-1]))
-
-
-def roc_curve(scores: Any, is_anomaly: Any) -> tuple[np.ndarray, np.ndarray]:
-  """``(fpr, tpr)`` at every distinct score threshold, from (0, 0) to (1, 1).
-
-  Ties move the curve diagonally: its trapezoidal area is :func:`auroc`.
-
-  >>> fpr, tpr = roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
-  >>> fpr.tolist(), tpr.tolist()
-  ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0])
-  """
-  false_pos, true_pos = _roc_counts(scores, is_anomaly)
-  return false_pos / false_pos[-1], true_pos / true_pos[-1]
 
 
 def classification_report(
