@@ -234,6 +234,8 @@ def test_options_defaults_presets_and_aliases():
     (["--few-threshold", "60"], "--few-threshold: 60 exceeds --many-threshold"),
     (["--preset", "imagenet"], "--preset: unknown preset 'imagenet'"),
     (["--rho", "0.1,0.1"], "--rho: repeated value"),
+    (["--rho", "0.1,,0.2"], "--rho: expected a comma-separated list, got '0.1,,0.2'"),
+    (["--seed", "0,"], "--seed/--seeds: expected a comma-separated list, got '0,'"),
     (["--batch-size", "7", "--devices", "2"], "--devices: there are only 1"),
     (["--norm", "batch", "--tail-capacity", "8"], "--tail-capacity: a BatchNorm"),
     (["--tail-bn", "fixed"], "--tail-bn: 'fixed' is not one of exact, anchored"),

@@ -118,10 +118,10 @@ def _word_parser(field: dataclasses.Field, annotation: Any) -> Callable[[str], A
       return None
     if not is_tuple:
       return one(text)
-    values = tuple(one(t) for t in text.split(",") if t.strip())
-    if not values:
-      raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return values
+    words = text.split(",")
+    if not all(w.strip() for w in words):
+      raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return tuple(map(one, words))
 
   return word
 
