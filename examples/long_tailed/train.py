@@ -141,11 +141,13 @@ def learning_rate_schedule(
 class Data(NamedTuple):
   """The ``train`` and ``test`` sources of :mod:`shared.pipeline`: the arrays of
   an in-memory ``dataset``, or streamed, decoded and augmented (at
-  ``image_size``) by ``workers`` grain processes of ``threads`` threads."""
+  ``image_size``) by ``workers`` grain processes of ``threads`` threads; the
+  training images per class, ``train_counts``, counted once."""
 
   name: str
   train: pipeline.Source
   test: pipeline.Source
+  train_counts: np.ndarray
   image_shape: tuple[int, ...]
   imbalance_ratio: float
   class_names: tuple[str, ...]
@@ -155,9 +157,6 @@ class Data(NamedTuple):
   @property
   def num_classes(self) -> int:
     return self.train.num_classes
-
-  def train_counts(self) -> np.ndarray:
-    return pipeline.class_counts(self.train)
 
   def train_loader(
     self, global_batch_size: int, *, seed: int, num_epochs: int
@@ -191,14 +190,13 @@ class Data(NamedTuple):
 
 
 class Experiment(NamedTuple):
-  """What the runs share: ``config``, the ``data``, ``train_counts``, the device
-  ``mesh``, the per-channel ``mean`` and ``std`` that normalize images, the
-  ``augment``-ation (``crop-flip`` on device, ``random-resized-crop-flip`` in the
-  loader, ``none``) and ``steps_per_epoch``."""
+  """What the runs share: ``config``, the ``data``, the device ``mesh``, the
+  per-channel ``mean`` and ``std`` that normalize images, the ``augment``-ation
+  (``crop-flip`` on device, ``random-resized-crop-flip`` in the loader,
+  ``none``) and ``steps_per_epoch``."""
 
   config: Config
   data: Data
-  train_counts: np.ndarray
   mesh: Mesh
   mean: np.ndarray
   std: np.ndarray
@@ -209,6 +207,11 @@ class Experiment(NamedTuple):
   def dataset(self) -> data.Dataset | None:
     """The in-memory dataset (``None`` if streamed)."""
     return self.data.dataset
+
+  @property
+  def train_counts(self) -> np.ndarray:
+    """Training images per class."""
+    return self.data.train_counts
 
   def tail_capacity(self, eta: float) -> int | None:
     """ImbSAM's ``tail_capacity`` at ``eta`` (``None``: the exact path)."""
@@ -245,12 +248,11 @@ def open_data(config: Config, dataset: data.Dataset | None = None) -> Data:
       pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
       for split in ("train", "test")
     )
-    counts, size = pipeline.class_counts(train), config.image_size
+    counts = pipeline.class_counts(train)
     ratio = float(counts.max() / counts[counts > 0].min())
     names = tuple(str(c) for c in range(len(counts)))
-    return Data(
-      config.dataset, train, test, (size, size, 3), ratio, names, None, options
-    )
+    shape = (config.image_size, config.image_size, 3)
+    return Data(config.dataset, train, test, counts, shape, ratio, names, None, options)
   ds = dataset or data.load_dataset(
     config.dataset, data_dir=config.data_dir, imbalance_ratio=config.imbalance_ratio
   )
@@ -261,8 +263,10 @@ def open_data(config: Config, dataset: data.Dataset | None = None) -> Data:
       ("test", ds.x_test, ds.y_test),
     )
   )
-  shape, ratio = ds.x_train.shape[1:], ds.imbalance_ratio
-  return Data(ds.name, train, test, shape, ratio, ds.class_names, ds, options)
+  counts, shape = pipeline.class_counts(train), ds.x_train.shape[1:]
+  return Data(
+    ds.name, train, test, counts, shape, ds.imbalance_ratio, ds.class_names, ds, options
+  )
 
 
 def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
@@ -270,7 +274,7 @@ def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
   the devices; raises ``ValueError("--flag: ...")`` for options that do not fit."""
   config.check_devices()
   source = open_data(config, dataset)
-  counts = source.train_counts()
+  counts = source.train_counts
   if config.batch_size > counts.sum():
     raise ValueError(
       f"--batch-size: {config.batch_size} exceeds the {counts.sum()} training images"
@@ -295,7 +299,6 @@ def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
   return Experiment(
     config=config,
     data=source,
-    train_counts=counts,
     mesh=training.data_parallel_mesh(jax.devices()[: config.devices]),
     mean=mean.astype(np.float32),
     std=std.astype(np.float32),
