@@ -540,8 +540,8 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     if checkpointer:
       checkpointer.close()
   train_time = time.perf_counter() - started
-  eval_batch = exp.mesh.size * -(
-    -min(config.eval_batch_size, len(exp.data.test)) // exp.mesh.size
+  eval_batch = training.padded_batch_size(
+    config.eval_batch_size, len(exp.data.test), exp.mesh
   )
   counts = training.sum_over_batches(
     functools.partial(run.predict, state), exp.data.eval_batches(eval_batch), exp.mesh

@@ -246,12 +246,22 @@ def sum_over_batches(
   return np.asarray(total)
 
 
+def padded_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> int:
+  """A global batch for a pass over ``num_examples`` with a padded last batch:
+  ``batch_size``, at most ``num_examples``, rounded up to a multiple of the devices.
+
+  >>> padded_batch_size(500, 10, data_parallel_mesh(jax.devices()[:1]))
+  10
+  """
+  return mesh.size * -(-min(batch_size, num_examples) // mesh.size)
+
+
 def evaluate(
   fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: int, mesh: Mesh
 ) -> np.ndarray:
   """``fn`` over all of ``x`` in fixed-shape global batches, in order (any process
-  count; the batch is rounded to a multiple of the devices)."""
-  batch_size = mesh.size * -(-min(batch_size, len(x)) // mesh.size)
+  count; the batch is :func:`padded_batch_size`)."""
+  batch_size = padded_batch_size(batch_size, len(x), mesh)
   source, outs = pipeline.ArraySource(x, np.zeros(len(x), np.int32)), []
   for batch in pipeline.eval_loader(source, global_batch_size=batch_size):
     out = fn(shard_batch(batch["image"], mesh))

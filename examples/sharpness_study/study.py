@@ -196,7 +196,8 @@ def measure_classes(
 
   Subset ``s`` (class ``c``, or head / tail as ``C`` / ``C + 1``) uses
   ``fold_in(key(config.probe_seed), s)``. All subsets share one batch shape:
-  ``batch_size`` rounded up to the device count, capped at the largest subset.
+  ``batch_size`` capped at the largest subset, rounded up to a multiple of the
+  devices (:func:`shared.training.padded_batch_size`).
 
   Returns:
     ``(per_class, groups)``: per class ``class``, ``train_count`` and the
@@ -208,7 +209,7 @@ def measure_classes(
     labels, counts, eta=eta, max_examples_per_class=config.max_examples_per_class
   )
   largest = max(max(s.size for s in subsets.values()), 1)
-  rows = mesh.size * -(-min(config.batch_size, largest) // mesh.size)
+  rows = training.padded_batch_size(config.batch_size, largest, mesh)
   key, results = jax.random.key(config.probe_seed), {}
   for index, (name, indices) in enumerate(subsets.items()):
     results[name] = None
