@@ -178,27 +178,37 @@ def _tail_grad_fn(
   return lambda p, b, w: grad_fn(_to_varying(p, axis_name), b, w)
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
-  """Whether x's type carries a sharded axis (a mesh with Explicit axes)."""
+def _replicated_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+  """``P()`` on x's mesh when x's type carries a sharded axis (Explicit axes).
+
+  Built from the (abstract) mesh in x's type, so that it works with and
+  without ``jax.set_mesh``. None when x is not sharded in its type (Auto axes,
+  one device, older jax without sharding in types).
+  """
   try:
-    spec = jax.typeof(x).sharding.spec
+    sharding = jax.typeof(x).sharding
+    spec = sharding.spec
   except (AttributeError, TypeError):  # older jax: no sharding in types
-    return False
-  return any(axis is not None for axis in spec)
+    return None
+  if not any(axis is not None for axis in spec):
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh, PartitionSpec())
 
 
 def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
   """``x[idx]`` along axis 0; the k gathered rows are replicated."""
-  if _explicitly_sharded(x):
-    return x.at[idx].get(out_sharding=PartitionSpec())
+  replicated = _replicated_sharding(x)
+  if replicated is not None:
+    return x.at[idx].get(out_sharding=replicated)
   return jnp.take(x, idx, axis=0)
 
 
 def _tail_order(weights: jax.Array, capacity: int) -> jax.Array:
   """Indices of the tail examples first (stable), padded to a multiple of k."""
   size = weights.shape[0]
-  if _explicitly_sharded(weights):  # sort needs the whole axis on each device
-    weights = jax.sharding.reshard(weights, PartitionSpec())
+  replicated = _replicated_sharding(weights)
+  if replicated is not None:  # sort needs the whole axis on each device
+    weights = jax.sharding.reshard(weights, replicated)
   order = jnp.argsort(weights <= 0, stable=True)
   padded = capacity * math.ceil(size / capacity)
   return jnp.pad(order, (0, padded - size))

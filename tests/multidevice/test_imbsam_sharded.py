@@ -4,6 +4,7 @@ Run through tests/test_multidevice.py, which sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax starts.
 """
 
+import contextlib
 import functools
 
 import chex
@@ -64,10 +65,17 @@ def make_tx(mask, **kwargs):
   return imbsam_jax.imbsam(optax.sgd(0.3, momentum=0.9), RHO, MASKS[mask], **kwargs)
 
 
-def plain_step(tx, params, state, batch):
-  grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+def plain_step(tx, params, state, batch, tail_mask_fn=None):
+  """With tail_mask_fn, grads and tail_grads come from value_and_tail_grads."""
+  extra = {}
+  if tail_mask_fn is not None:
+    _, grads, extra["tail_grads"] = imbsam_jax.value_and_tail_grads(
+      loss_fn, params, batch, tail_mask_fn(batch["y"])
+    )
+  else:
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
   updates, state = tx.update(
-    grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"], **extra
   )
   return optax.apply_updates(params, updates), state
 
@@ -114,12 +122,15 @@ AUTO_MESH = jax.make_mesh(
 
 
 @pytest.mark.parametrize("mask", ["hard", "soft"])
-@pytest.mark.parametrize("capacity", [None, 4, 2])
+@pytest.mark.parametrize("capacity", [None, 4, 2, "auto"])
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
-def test_jit_with_named_sharding(mask, capacity, axis_type):
-  """GSPMD (Auto axes) and sharding in types (Explicit axes, under set_mesh)."""
+@pytest.mark.parametrize("set_mesh", [True, False], ids=["set_mesh", "no_set_mesh"])
+@pytest.mark.parametrize("grads_from", ["grad", "value_and_tail_grads"])
+def test_jit_with_named_sharding(mask, capacity, axis_type, set_mesh, grads_from):
+  """GSPMD (Auto axes) and sharding in types (Explicit axes, jax.make_mesh's
+  default), with and without jax.set_mesh: nothing to configure."""
   mesh = AUTO_MESH if axis_type == "auto" else MESH
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
     tx = make_tx(mask, tail_capacity=capacity)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -127,7 +138,8 @@ def test_jit_with_named_sharding(mask, capacity, axis_type):
     state = jax.device_put(tx.init(params), replicated)
     batches = [jax.device_put(b, batch_sharding) for b in BATCHES]
     assert len(batches[0]["x"].sharding.device_set) == NUM_DEVICES
-    step = jax.jit(functools.partial(plain_step, tx))
+    tail_mask_fn = MASKS[mask] if grads_from == "value_and_tail_grads" else None
+    step = jax.jit(functools.partial(plain_step, tx, tail_mask_fn=tail_mask_fn))
     params, state = run_without_recompiles(step, params, state, batches)
   assert_matches_single_device(params, state, mask)
 
