@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import checkify
 from jax.sharding import PartitionSpec
 
-from imbsam_jax._priors import TailMaskFn, capacity_from_tail_fraction
+from imbsam_jax._priors import TailMaskFn, capacity_from_tail_fraction, concrete
 
 LossFn = Callable[[optax.Params, Any], jax.Array]
 Scalar = float | jax.Array
@@ -64,7 +65,9 @@ def _check_scalar(name: str, value: Any) -> None:
         f"{name} must be a real scalar, got an array of shape {value.shape} and"
         f" dtype {value.dtype}."
       )
-    return
+    value = concrete(value)
+    if value is None:  # traced: see debug_checks
+      return
   if isinstance(value, (int, float, np.integer, np.floating)) or (
     isinstance(value, np.ndarray) and value.shape == ()
   ):
@@ -73,6 +76,15 @@ def _check_scalar(name: str, value: Any) -> None:
       raise ValueError(f"{name} must be finite and >= 0, got {value}.")
     return
   raise TypeError(f"{name} must be a number or a scalar array, got {value!r}.")
+
+
+def _check_schedule(name: str, schedule: Callable[[Any], Any]) -> None:
+  """Checks a schedule's first value (later ones: see debug_checks)."""
+  first = concrete(schedule(0))
+  if first is not None and not (np.all(np.isfinite(first)) and np.all(first >= 0)):
+    raise ValueError(
+      f"{name}'s schedule must give values >= 0, got {name}(0) = {first}."
+    )
 
 
 def _batch_size(batch: Any) -> int:
@@ -102,6 +114,13 @@ def _tail_weights(tail_mask: Any, batch_size: int) -> jax.Array:
     raise TypeError(
       "tail_mask_fn(labels) must return bool or floating weights in [0, 1],"
       f" got dtype {tail_mask.dtype}."
+    )
+  values = concrete(tail_mask)
+  if values is not None and not np.all((values >= 0) & (values <= 1)):
+    raise ValueError(
+      "tail_mask_fn(labels) must return weights in [0, 1], got values from"
+      f" {np.nanmin(values)} to {np.nanmax(values)}"
+      f"{' and NaN' if np.isnan(values).any() else ''}."
     )
   return tail_mask.astype(jnp.float32)
 
@@ -280,6 +299,105 @@ def _global_norm_f32(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def _has_masked_nodes(tree: Any) -> bool:
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  return any(isinstance(leaf, optax.MaskedNode) for leaf in leaves)
+
+
+def _trainable_mask(trainable: Any, params: Any) -> Any:
+  """One Python bool per leaf of params (True: trained), from ``trainable``.
+
+  ``trainable`` (or what it returns for ``params``) is a tree of bools keyed
+  like ``params`` down to any depth (a prefix): each leaf of ``params`` takes
+  the bool it reaches by its key path, whatever the container types (dicts,
+  ``nnx.State``, ``FrozenDict``, dataclasses).
+  """
+  mask = trainable(params) if callable(trainable) else trainable
+
+  def lookup(path: tuple[Any, ...], _: Any) -> bool:
+    node = mask
+    for entry in path:
+      if isinstance(node, (bool, np.bool_, int, float, np.ndarray, jax.Array)):
+        break
+      try:
+        if hasattr(entry, "name"):  # attribute of a dataclass or NamedTuple
+          node = getattr(node, entry.name)
+        else:
+          node = node[getattr(entry, "key", getattr(entry, "idx", None))]
+      except (KeyError, IndexError, TypeError, AttributeError):
+        raise ValueError(
+          "trainable must be a pytree of bools keyed like params (or a prefix of"
+          f" it); it has no entry for params{jax.tree_util.keystr(path)}."
+        ) from None
+    if not isinstance(node, (bool, np.bool_)):
+      raise TypeError(
+        "trainable must hold Python bools (which leaves train is static), got"
+        f" {type(node).__name__} for params{jax.tree_util.keystr(path)}."
+      )
+    return bool(node)
+
+  return jax.tree_util.tree_map_with_path(lookup, params)
+
+
+def _frozen_to_zero(tree: Any, mask: Any) -> Any:
+  """``tree`` with zeros at the frozen leaves (mask None: all trainable)."""
+  if mask is None:
+    return tree
+  return jax.tree.map(lambda m, x: x if m else jnp.zeros_like(x), mask, tree)
+
+
+def _debug_checks(
+  rho_t: Any, weights: jax.Array, labels: Any, tail_mask_fn: TailMaskFn
+) -> None:
+  """checkify checks of the values only known inside ``jit``."""
+  checkify.check(
+    jnp.isfinite(rho_t) & (rho_t >= 0),
+    "imbsam: rho must be finite and >= 0, got {rho}.",
+    rho=jnp.asarray(rho_t, jnp.float32),
+  )
+  checkify.check(
+    jnp.all((weights >= 0) & (weights <= 1)),
+    "imbsam: tail_mask_fn(labels) must return weights in [0, 1], got values"
+    " from {low} to {high}.",
+    low=jnp.min(weights),
+    high=jnp.max(weights),
+  )
+  num_classes = getattr(tail_mask_fn, "num_classes", None)
+  labels = jnp.asarray(labels)
+  if num_classes is not None and jnp.issubdtype(labels.dtype, jnp.integer):
+    checkify.check(
+      jnp.all((labels >= 0) & (labels < num_classes)),
+      f"imbsam: labels must be class indices in [0, {num_classes}) (the classes"
+      " of tail_mask_fn), got values from {low} to {high}.",
+      low=jnp.min(labels),
+      high=jnp.max(labels),
+    )
+
+
+def _check_mean_grads(
+  loss_fn: LossFn, params: Any, batch: Any, grads: Any, axis_name: str | None
+) -> None:
+  """checkify check that ``grads`` is the gradient of the mean loss.
+
+  The slope of ``mean(loss_fn)`` along ``grads`` (one forward-mode pass) is
+  ``<grad mean(loss), grads>``, which equals ``||grads||^2`` for the right
+  gradient and ``||grads||^2 / B`` for the gradient of the summed loss. The
+  ratio must be in [1/2, 2]: loose enough for a ``loss_fn`` that approximates
+  the clean pass (anchored BatchNorm statistics), tight enough for a scale.
+  """
+  mean_loss = lambda p: jnp.mean(loss_fn(p, batch).astype(jnp.float32))
+  _, slope = jax.jvp(mean_loss, (params,), (grads,))
+  squared = _pmean(jnp.square(_global_norm_f32(grads)), axis_name)
+  ratio = _pmean(slope, axis_name) / jnp.where(squared > 0, squared, 1.0)
+  checkify.check(
+    (squared == 0) | ((ratio >= 0.5) & (ratio <= 2.0)),
+    "imbsam: grads must be the gradient of mean(loss_fn(params, batch)), but"
+    " <grad mean(loss), grads> / ||grads||^2 = {ratio} (1 for the mean; 1/B for"
+    " the gradient of the summed loss).",
+    ratio=ratio,
+  )
+
+
 def _auto_tail_fraction(tail_mask_fn: TailMaskFn) -> float:
   """The ``tail_fraction`` that ``tail_capacity="auto"`` reads, checked."""
   fraction = getattr(tail_mask_fn, "tail_fraction", None)
@@ -312,6 +430,8 @@ def imbsam(
   axis_name: str | None = None,
   per_device_perturbation: bool = False,
   tail_capacity: int | Literal["auto"] | None = None,
+  trainable: Any = None,
+  debug_checks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Class-imbalanced sharpness-aware minimization (ImbSAM).
 
@@ -347,6 +467,19 @@ def imbsam(
   Special cases: a batch without tail examples gives ``e = 0`` and exactly the
   base optimizer's step (never NaN); ``rho = 0`` is ``base_tx`` on ``grads``
   (up to rounding); a mask of all ones is SAM.
+
+  Composition: every transform that should act on the gradient the parameters
+  move along (clipping, weight decay, noise, gradient accumulation with
+  ``optax.MultiSteps``) belongs *inside*, in ``base_tx``:
+  ``imbsam(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr)), ...)``
+  clips the ImbSAM gradient. A transform in front (``optax.chain(clip,
+  imbsam(...))``) changes only ``grads``, from which ImbSAM subtracts the
+  unchanged tail gradient and adds the perturbed one, so the update it builds,
+  ``clip(grads) - g_T(w) + g_T(w + e)``, is not bounded. Wrappers of the whole
+  step (``optax.apply_if_finite``) go outside. To train a subset of the
+  parameters, use ``trainable`` (``optax.masked`` and ``optax.multi_transform``
+  around ``imbsam`` hide the other parameters, at which ``loss_fn`` must run:
+  an error); ``base_tx`` may still be an ``optax.multi_transform``.
 
   ``tail_loss_scale`` is ``s`` above. The paper's objective has ``s = 1``
   (default); the authors' PyTorch code multiplies the tail loss at ``w + e`` by
@@ -399,9 +532,12 @@ def imbsam(
     base_tx: any Optax transformation; receives the ImbSAM gradient and all
       extra keyword arguments that ImbSAM does not consume.
     rho: perturbation radius (>= 0): a number, a scalar array, or an Optax
-      schedule of the step count.
+      schedule of the step count. Numbers, concrete arrays and a schedule's
+      first value are checked here; a traced value (``inject_hyperparams``)
+      or a schedule's later values only with ``debug_checks``.
     tail_mask_fn: ``labels -> (B,)`` tail weights, bool or float in [0, 1];
-      see :func:`tail_mask_from_counts`.
+      see :func:`tail_mask_from_counts`. Weights known when ``update`` runs
+      (outside ``jit``) are checked then; traced ones with ``debug_checks``.
     eps: added to the norm (>= 0).
     tail_loss_scale: ``s`` (>= 0), the weight of the perturbed tail loss.
     adaptive: use the scale-invariant ASAM perturbation.
@@ -414,7 +550,25 @@ def imbsam(
       per-example losses that do not depend on other examples of the batch.
       ``"auto"``: ``k`` from the batch size and ``tail_mask_fn.tail_fraction``
       (a ``tail_mask_fn`` without it is an error); under ``shard_map``/``pmap``
-      the batch size is the per-device one.
+      the batch size is the per-device one. A ``loss_fn`` with
+      ``per_example = False`` (``imbsam_jax.flax.nnx_loss_fn`` of a BatchNorm
+      model in training mode) is refused here.
+    trainable: which parameters ImbSAM trains: a pytree of bools with the
+      structure of ``params`` (or a prefix of it), or a function of
+      ``params`` returning one (name it in ``inject_hyperparams``'s
+      ``static_args``). The others are frozen: neither perturbed nor updated
+      (zero updates), left out of the norm, and ``base_tx`` sees and keeps
+      state for the trainable ones only (through ``optax.masked``).
+    debug_checks: add ``jax.experimental.checkify`` checks of what is known
+      only inside ``jit``: ``rho`` finite and >= 0, the tail weights in
+      [0, 1], labels in ``[0, tail_mask_fn.num_classes)`` (the masks of
+      :func:`tail_mask_from_counts` carry it), and ``grads`` the gradient of
+      the *mean* loss (a forward-mode pass: the slope of ``mean(loss_fn)``
+      along ``grads`` must be ``||grads||^2`` within a factor 2; the summed
+      loss gives ``1/B`` of it). Run the jitted step under
+      ``checkify.checkify(step)`` and call ``err.throw()``; outside ``jit``
+      the checks raise at once. Off by default (the check of ``grads`` costs
+      a forward pass).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -423,6 +577,9 @@ def imbsam(
     ``batch`` a pytree with the batch as leading axis of every leaf,
     ``labels`` what ``tail_mask_fn`` consumes, and optionally ``tail_grads``,
     the gradient of :math:`L_{tail}` at ``params`` if the caller has it.
+    ``grads`` must be the gradient of the *mean* of ``loss_fn``'s losses (the
+    gradient of their sum is ``B`` times larger and goes unnoticed unless
+    ``debug_checks``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, imbsam_jax
@@ -453,10 +610,22 @@ def imbsam(
     raise TypeError(
       f"base_tx must be an optax.GradientTransformation, got {type(base_tx)}."
     )
-  if not callable(rho):
+  if callable(rho):
+    _check_schedule("rho", rho)
+  else:
     _check_scalar("rho", rho)
   if not callable(tail_mask_fn):
-    raise TypeError("tail_mask_fn must be callable: labels -> (B,) tail weights.")
+    hint = (
+      " With optax.inject_hyperparams, name it in static_args (it calls the"
+      " callables it is given as schedules of the step count):"
+      " optax.inject_hyperparams(imbsam, static_args=('tail_mask_fn',))."
+      if isinstance(tail_mask_fn, (jax.Array, np.ndarray))
+      else ""
+    )
+    raise TypeError(
+      f"tail_mask_fn must be callable: labels -> (B,) tail weights, got"
+      f" {type(tail_mask_fn).__name__}.{hint}"
+    )
   _check_scalar("eps", eps)
   _check_scalar("tail_loss_scale", tail_loss_scale)
   auto_fraction = None
@@ -480,10 +649,17 @@ def imbsam(
     raise ValueError("per_device_perturbation=True needs axis_name.")
   base_tx = optax.with_extra_args_support(base_tx)
 
+  def base_for(params: Any) -> tuple[Any, optax.GradientTransformationExtraArgs]:
+    """The trainable mask (None: all) and base_tx on the trainable leaves."""
+    if trainable is None:
+      return None, base_tx
+    mask = _trainable_mask(trainable, params)
+    return mask, optax.masked(base_tx, mask)
+
   def init_fn(params: optax.Params) -> ImbSAMState:
     return ImbSAMState(
       count=jnp.zeros([], jnp.int32),
-      base_state=base_tx.init(params),
+      base_state=base_for(params)[1].init(params),
       tail_grad_norm=jnp.zeros([], jnp.float32),
       tail_fraction=jnp.zeros([], jnp.float32),
     )
@@ -516,9 +692,21 @@ def imbsam(
       )
     if not callable(loss_fn):
       raise TypeError("loss_fn must be callable: (params, batch) -> (B,) losses.")
+    if _has_masked_nodes(params):
+      raise TypeError(
+        "imbsam cannot run inside optax.masked or optax.multi_transform: they"
+        " hide the other parameters (MaskedNode), at which loss_fn must be"
+        " evaluated. Train a subset with imbsam(base_tx, rho, tail_mask_fn,"
+        " trainable=mask) instead (base_tx may be an optax.multi_transform)."
+      )
     size = _batch_size(batch)
     _check_losses(loss_fn, params, batch, size)
     weights = _tail_weights(tail_mask_fn(labels), size)
+    mask, base = base_for(params)
+    rho_t = rho(state.count) if callable(rho) else rho
+    if debug_checks:
+      _debug_checks(rho_t, weights, labels, tail_mask_fn)
+      _check_mean_grads(loss_fn, params, batch, updates, axis_name)
 
     # Memory: the tail passes need not wait for the caller's clean gradient, and
     # XLA would overlap them with it (both passes' activations live at once).
@@ -531,6 +719,14 @@ def imbsam(
     else:
       capacity = tail_capacity
     fast = capacity is not None and capacity < size
+    if fast and getattr(loss_fn, "per_example", True) is False:
+      raise ValueError(
+        f"tail_capacity runs the tail passes on the {capacity} gathered tail"
+        " examples, but this loss_fn (per_example = False: BatchNorm in"
+        " training mode) normalizes each pass with its own batch's statistics:"
+        " give it the clean pass's statistics (imbsam_jax.flax.nnx_loss_fn(...,"
+        " clean_stats=...)), or use tail_capacity=None (exact)."
+      )
     if fast:
       batch = _after(batch, updates)
       order = _tail_order(weights, capacity)
@@ -542,6 +738,7 @@ def imbsam(
 
     if tail_grads is None:
       tail_grads = tail_grad_at(params)
+    tail_grads = _frozen_to_zero(tail_grads, mask)
     local_tail_grads = tail_grads
     tail_grads = _pmean(tail_grads, axis_name)
     # m-sharpness: each device perturbs along its own tail gradient.
@@ -552,7 +749,6 @@ def imbsam(
       norm = _global_norm_f32(scaled)
     else:
       norm = _global_norm_f32(direction)
-    rho_t = rho(state.count) if callable(rho) else rho
     # An all-head batch has norm 0: e = 0 exactly, even with eps = 0.
     scale = jnp.where(norm > 0, rho_t / jnp.where(norm > 0, norm + eps, 1.0), 0.0)
     if adaptive:
@@ -566,7 +762,9 @@ def imbsam(
         lambda g, w: (scale * g).astype(w.dtype), direction, params
       )
     perturbed = jax.tree.map(jnp.add, params, perturbation)
-    adv_grads = _pmean(tail_grad_at(perturbed), axis_name)
+    if mask is not None:  # frozen parameters stay where they are
+      perturbed = jax.tree.map(lambda m, w, p: p if m else w, mask, params, perturbed)
+    adv_grads = _frozen_to_zero(_pmean(tail_grad_at(perturbed), axis_name), mask)
 
     # grads + (s * g_adv - g_tail): head gradient plus perturbed tail gradient,
     # written so that an all-head batch adds exactly zero to grads.
@@ -577,9 +775,10 @@ def imbsam(
       adv_grads,
       tail_grads,
     )
-    new_updates, base_state = base_tx.update(
+    new_updates, base_state = base.update(
       imbsam_grads, state.base_state, params, **extra_args
     )
+    new_updates = _frozen_to_zero(new_updates, mask)
     tail_fraction = _pmean(jnp.sum(weights) / size, axis_name)
     return new_updates, ImbSAMState(
       count=optax.safe_increment(state.count),

@@ -22,7 +22,8 @@ TailMaskFn = Callable[[Any], jax.Array]
 The functions of :func:`tail_mask_from_counts` and :func:`soft_tail_mask_from_counts`
 also carry ``tail_fraction`` (a float attribute): the share of training examples
 whose tail weight is above zero, from which ``imbsam(..., tail_capacity="auto")``
-sizes its tail passes. A function of your own may set it too.
+sizes its tail passes, and ``num_classes``, the range of labels they take, which
+``imbsam(..., debug_checks=True)`` checks. A function of your own may set them too.
 """
 
 #: Deep SAD label of a labeled anomaly (+1 labeled normal, 0 unlabeled).
@@ -46,17 +47,28 @@ def _as_counts(class_counts: Any) -> np.ndarray:
   return counts
 
 
+def concrete(x: Any) -> np.ndarray | None:
+  """``x`` as a NumPy array if its value is known now, None if it is traced."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
 def _lookup(per_class: np.ndarray, counts: np.ndarray) -> TailMaskFn:
   """Returns ``labels -> per_class[labels]`` with a shape/dtype check.
 
   The lookup is a one-hot comparison rather than a gather, so that it keeps the
   sharding of ``labels`` under any mesh (a gather from a replicated table with
   sharded indices needs an explicit output sharding under Explicit mesh axes).
-  Labels outside ``[0, num_classes)`` get weight 0 (head). The function carries
-  ``tail_fraction``, the share of the ``counts`` training examples whose weight
-  is above zero (absent when the counts sum to zero).
+  Labels outside ``[0, num_classes)`` are an error when their values are known
+  (outside ``jit``); traced ones get weight 0 (head), and
+  ``imbsam(..., debug_checks=True)`` checks them. The function carries
+  ``num_classes`` and ``tail_fraction``, the share of the ``counts`` training
+  examples whose weight is above zero (absent when the counts sum to zero).
   """
-  classes = np.arange(per_class.shape[0])
+  num_classes = per_class.shape[0]
+  classes = np.arange(num_classes)
 
   def tail_mask_fn(labels: Any) -> jax.Array:
     labels = jnp.asarray(labels)
@@ -64,11 +76,22 @@ def _lookup(per_class: np.ndarray, counts: np.ndarray) -> TailMaskFn:
       raise TypeError(
         f"labels must be integer class indices, got dtype {labels.dtype}."
       )
+    values = concrete(labels)
+    if (
+      values is not None
+      and values.size
+      and not (values.min() >= 0 and values.max() < num_classes)
+    ):
+      raise ValueError(
+        f"labels must be class indices in [0, {num_classes}) (the classes of"
+        f" class_counts), got values from {values.min()} to {values.max()}."
+      )
     one_hot = labels[..., None] == classes
     if per_class.dtype == np.bool_:
       return jnp.any(one_hot & per_class, axis=-1)
     return jnp.sum(jnp.where(one_hot, per_class, 0), axis=-1).astype(per_class.dtype)
 
+  tail_mask_fn.num_classes = num_classes
   total = float(np.sum(counts, dtype=np.float64))
   if total > 0:
     tail = float(np.sum(counts[per_class > 0], dtype=np.float64))

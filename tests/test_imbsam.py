@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import checkify
 
 import imbsam_jax
 
@@ -535,13 +536,23 @@ def test_bad_loss_fn(bad_loss_fn, match):
     (lambda y: jnp.ones((BATCH, 1), bool), ValueError),
     (lambda y: jnp.ones((), bool), ValueError),
     (lambda y: (y == 3).astype(jnp.int32), TypeError),
+    (lambda y: 1.25 * (y == 3), ValueError),
+    (lambda y: -0.25 * (y == 3), ValueError),
+    (lambda y: jnp.where(y == 3, jnp.nan, 0.0), ValueError),
   ],
-  ids=["long", "2d", "scalar", "int"],
+  ids=["long", "2d", "scalar", "int", "above_one", "negative", "nan"],
 )
 def test_bad_tail_mask(mask_fn, error):
   tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, mask_fn)
   with pytest.raises(error, match="tail_mask_fn"):
     _update(tx)
+
+
+def test_inject_hyperparams_without_static_args_says_what_to_write():
+  """inject_hyperparams calls tail_mask_fn as a schedule of the step count."""
+  tx = optax.inject_hyperparams(imbsam_jax.imbsam)(optax.sgd(0.1), 0.05, HARD_MASK)
+  with pytest.raises(TypeError, match=r"static_args=\('tail_mask_fn',\)"):
+    tx.init(init_params())
 
 
 def test_inconsistent_batch():
@@ -570,6 +581,9 @@ def test_inconsistent_batch():
     ({"tail_loss_scale": -1.0}, ValueError, "tail_loss_scale"),
     ({"base_tx": optax.sgd}, TypeError, "base_tx"),
     ({"tail_mask_fn": np.ones(3)}, TypeError, "tail_mask_fn"),
+    ({"tail_mask_fn": jnp.ones(3)}, TypeError, "static_args"),
+    ({"rho": jnp.array(-0.1)}, ValueError, "rho"),
+    ({"rho": optax.linear_schedule(-0.1, 0.1, 10)}, ValueError, r"rho\(0\) = -0.1"),
   ],
 )
 def test_bad_construction(kwargs, error, match):
@@ -681,3 +695,189 @@ def test_auto_capacity_no_recompilation_and_inject_hyperparams():
   params, num_traces = run_counting_traces(tx)
   assert num_traces == 1
   chex.assert_tree_all_finite(params)
+
+
+# --- freezing parameters ---------------------------------------------------------
+
+TRAIN_OUT = {"hidden": False, "out": True}  # a prefix of params: fine-tune the head
+
+
+def frozen_reference(base_tx, params, batches, rho):
+  """ImbSAM on params["out"] alone, params["hidden"] a constant."""
+  hidden = params["hidden"]
+  out_loss = lambda out, batch: loss_fn({"hidden": hidden, "out": out}, batch)
+  out, state = params["out"], base_tx.init(params["out"])
+  for batch in batches:
+    t = HARD_MASK(batch["y"]).astype(jnp.float32)
+    tail = lambda o, b=batch, t=t: jnp.sum(t * out_loss(o, b)) / BATCH
+    head = lambda o, b=batch, t=t: jnp.sum((1 - t) * out_loss(o, b)) / BATCH
+    g_tail = jax.grad(tail)(out)
+    e = optax.tree.scale(rho / optax.tree.norm(g_tail), g_tail)
+    g = jax.tree.map(
+      jnp.add, jax.grad(head)(out), jax.grad(tail)(jax.tree.map(jnp.add, out, e))
+    )
+    updates, state = base_tx.update(g, state, out)
+    out = optax.apply_updates(out, updates)
+  return {"hidden": hidden, "out": out}
+
+
+def adam_wd():
+  return optax.chain(optax.add_decayed_weights(1e-2), optax.adam(0.05))
+
+
+@pytest.mark.parametrize(
+  "trainable",
+  [TRAIN_OUT, lambda p: {"hidden": False, "out": {"w": True}}],
+  ids=["prefix", "callable"],
+)
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_trainable_freezes_the_rest(trainable, capacity):
+  """Frozen: neither perturbed nor updated, out of the norm, no base state."""
+  params = init_params()
+  tx = imbsam_jax.imbsam(
+    adam_wd(), 0.2, HARD_MASK, trainable=trainable, tail_capacity=capacity
+  )
+  got, state = run_imbsam(tx, params, BATCHES, jit=True)
+  want = frozen_reference(adam_wd(), params, BATCHES, 0.2)
+  chex.assert_trees_all_equal(got["hidden"], params["hidden"])
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  # Adam's moments exist for the trainable leaves only.
+  mu = state.base_state.inner_state[1][0].mu
+  assert all(isinstance(m, optax.MaskedNode) for m in mu["hidden"].values())
+  assert mu["out"]["w"].shape == (8, 4)
+
+
+def test_trainable_with_multi_transform_base():
+  """The optax idiom for freezing works as base_tx; trainable keeps e off the
+  frozen leaves (without it, e would move them)."""
+  labels = {"hidden": "frozen", "out": "train"}
+  base = optax.multi_transform(
+    {"train": adam_wd(), "frozen": optax.set_to_zero()}, labels
+  )
+  params = init_params()
+  tx = imbsam_jax.imbsam(base, 0.2, HARD_MASK, trainable=TRAIN_OUT)
+  got, _ = run_imbsam(tx, params, BATCHES, jit=True)
+  want = frozen_reference(adam_wd(), params, BATCHES, 0.2)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  untrained, _ = run_imbsam(
+    imbsam_jax.imbsam(base, 0.2, HARD_MASK), params, BATCHES, jit=True
+  )
+  assert float(optax.tree.norm(optax.tree.sub(untrained["out"], want["out"]))) > 1e-4
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_imbsam_inside_masked_says_what_to_write(wrapper):
+  inner = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  if wrapper == "masked":
+    tx = optax.masked(inner, TRAIN_OUT)
+  else:
+    tx = optax.multi_transform(
+      {"train": inner, "frozen": optax.set_to_zero()},
+      {"hidden": "frozen", "out": "train"},
+    )
+  with pytest.raises(TypeError, match="trainable=mask"):
+    jax.jit(lambda: _update(tx))()
+
+
+@pytest.mark.parametrize(
+  "trainable, error",
+  [({"hidden": False}, ValueError), ({"hidden": 0, "out": 1}, TypeError)],
+)
+def test_bad_trainable(trainable, error):
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK, trainable=trainable)
+  with pytest.raises(error, match="trainable"):
+    tx.init(init_params())
+
+
+# --- composition: what goes inside ----------------------------------------------
+
+
+def test_clipping_inside_bounds_the_update():
+  """imbsam(chain(clip, ...)) clips the ImbSAM gradient; chain(clip, imbsam)
+  clips only the clean gradient, so its update is not bounded."""
+  clip = optax.clip_by_global_norm(0.01)
+  inside = imbsam_jax.imbsam(optax.chain(clip, optax.sgd(1.0)), 0.5, HARD_MASK)
+  outside = optax.chain(clip, imbsam_jax.imbsam(optax.sgd(1.0), 0.5, HARD_MASK))
+  for batch in BATCHES:
+    kwargs = {"batch": batch, "labels": batch["y"]}
+    assert float(optax.tree.norm(_update(inside, **kwargs)[0])) <= 0.01 * (1 + 1e-6)
+  assert float(optax.tree.norm(_update(outside)[0])) > 0.0101
+
+
+# --- debug_checks: values known only inside jit ----------------------------------
+
+
+def checked_step(tx, grads_scale=1.0):
+  def step(params, state, batch):
+    grads = jax.tree.map(lambda g: grads_scale * g, clean_grads(params, batch))
+    return tx.update(
+      grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+
+  return checkify.checkify(jax.jit(step))
+
+
+def run_checked(tx, batch=BATCHES[0], steps=1, rho=None, **kwargs):
+  params = init_params()
+  state = tx.init(params)
+  if rho is not None:  # inject_hyperparams: rho is traced in the step
+    state = optax.tree_utils.tree_set(state, rho=rho)
+  step = checked_step(tx, **kwargs)
+  for _ in range(steps):
+    err, (_, state) = step(params, state, batch)
+    err.throw()
+  return state
+
+
+@pytest.mark.parametrize(
+  "case, match",
+  [
+    ("negative_rho", "rho must be finite and >= 0"),
+    ("schedule_goes_negative", "rho must be finite and >= 0"),
+    ("weights_above_one", r"weights in \[0, 1\], got values from 0.0 to 1.25"),
+    ("labels_out_of_range", r"class indices in \[0, 4\).* 0 to 7"),
+    ("summed_loss_grads", "gradient of mean"),
+  ],
+)
+def test_debug_checks(case, match):
+  kwargs, steps, batch = {}, 1, BATCHES[0]
+  if case == "negative_rho":  # traced: inject_hyperparams
+    tx = optax.inject_hyperparams(imbsam_jax.imbsam, static_args=("tail_mask_fn",))(
+      optax.sgd(0.1), 0.05, HARD_MASK, debug_checks=True
+    )
+    kwargs["rho"] = jnp.float32(-0.05)
+  elif case == "schedule_goes_negative":
+    rho = optax.linear_schedule(0.1, -0.1, transition_steps=2)
+    tx, steps = imbsam_jax.imbsam(optax.sgd(0.1), rho, HARD_MASK, debug_checks=True), 3
+  elif case == "weights_above_one":
+    mask_fn = lambda y: 1.25 * (y == 3)
+    tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, mask_fn, debug_checks=True)
+  elif case == "labels_out_of_range":
+    tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK, debug_checks=True)
+    batch = dict(batch, y=batch["y"].at[0].set(7))
+  else:
+    tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK, debug_checks=True)
+    kwargs["grads_scale"] = BATCH  # the gradient of the sum, not the mean
+  with pytest.raises(checkify.JaxRuntimeError, match=match):
+    run_checked(tx, batch, steps, **kwargs)
+
+
+def test_debug_checks_pass_and_change_nothing():
+  params, batch = init_params(), BATCHES[0]
+  checked = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK, debug_checks=True)
+  plain = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
+  err, (got, _) = checked_step(checked)(params, checked.init(params), batch)
+  err.throw()
+  want, _ = _update(plain)
+  chex.assert_trees_all_close(got, want, atol=1e-7, rtol=1e-6)
+  with pytest.raises(
+    checkify.JaxRuntimeError, match="gradient of mean"
+  ):  # eager: at once
+    checked.update(
+      jax.tree.map(lambda g: BATCH * g, clean_grads(params, batch)),
+      checked.init(params),
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      labels=batch["y"],
+    )

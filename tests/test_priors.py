@@ -70,9 +70,20 @@ def test_labeled_anomaly_mask():
     imbsam_jax.labeled_anomaly_mask(jnp.array([1.0, -1.0]))
 
 
-def test_out_of_range_labels_are_head():
-  mask_fn = imbsam_jax.tail_mask_from_counts([100, 5], eta=20)
-  assert mask_fn(jnp.array([1, 2, -1])).tolist() == [True, False, False]
+@pytest.mark.parametrize(
+  "make", [imbsam_jax.tail_mask_from_counts, imbsam_jax.soft_tail_mask_from_counts]
+)
+def test_out_of_range_labels(make):
+  """Known labels outside the classes are an error; traced ones are head
+  (imbsam's debug_checks catch them, tests/test_imbsam.py)."""
+  mask_fn = make([100, 5], eta=20)
+  assert mask_fn.num_classes == 2
+  with pytest.raises(ValueError, match=r"class indices in \[0, 2\).* -1 to 2"):
+    mask_fn(jnp.array([1, 2, -1]))
+  with pytest.raises(ValueError, match="class indices"):
+    mask_fn(np.array([5]))
+  weights = jax.jit(mask_fn)(jnp.array([1, 2, -1]))
+  assert weights[0] > 0.5 and weights[1:].tolist() == [0, 0]
 
 
 def test_suggest_tail_capacity():
