@@ -314,6 +314,37 @@ def _anchor(model: Any, rows: jax.Array, clean_stats: CleanStats) -> None:
     layer.__class__ = _anchored_class(type(layer))
 
 
+def _normalizes_with_batch(model: Any) -> bool:
+  """Whether a BatchNorm of ``model`` is in training mode (batch statistics)."""
+  return any(_training(layer, None) for _, layer in _batch_norms(model))
+
+
+def _rng_counts(model: Any) -> list[tuple[tuple[Any, ...], nnx.RngCount]]:
+  """``(path, variable)`` of every RNG stream's counter in ``model``, once each."""
+  return [
+    (tuple(path), node)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.RngCount)
+  ]
+
+
+def _rewind(
+  model: Any, per_example_loss: Callable[[Any, Any], Any], probe: Any, batch: Any
+) -> None:
+  """Sets each RNG stream of ``model`` back by the keys one pass draws.
+
+  The draws are counted on ``probe``, a second copy, in the same trace: its
+  forward pass feeds nothing but the counters (XLA removes it), and it
+  counts streams used inside JAX transforms too (``nnx.scan`` over layers).
+  """
+  before = {path: _value(counter) for path, counter in _rng_counts(probe)}
+  per_example_loss(probe, batch)
+  after = dict(_rng_counts(probe))
+  for path, counter in _rng_counts(model):
+    drawn = _value(after[path]) - before[path]
+    counter.set_value(_value(counter) - drawn)
+
+
 def nnx_loss_fn(
   model: nnx.Module | nnx.GraphDef,
   per_example_loss: Callable[[Any, Any], Any],
@@ -338,6 +369,26 @@ def nnx_loss_fn(
   are discarded: ImbSAM's passes at ``w`` and ``w + e`` leave the model as the
   caller's clean pass left it. Build the function inside the training step, from
   the step's model, with the ``wrt`` filter of the ``nnx.Optimizer``.
+
+  Randomness (dropout): built from a model, the function reads the model's
+  variables when it is called (ImbSAM calls it after the step's clean pass)
+  and sets its RNG streams back by the keys one pass draws, so both tail
+  passes draw the random numbers of the model's last forward pass: the clean
+  pass's dropout masks, whether the function is built before or after that
+  pass, and ``g_head + g_T(w)`` is the clean gradient of one network. (Make the
+  clean pass the model's last forward pass before the update.) Built from a
+  ``graphdef`` and ``rest``, it uses ``rest`` as given: pass the ``rest`` the
+  clean pass started from. The clean-pass functions (``with_state``,
+  ``with_clean_stats``) draw as a plain pass does. On the fast path
+  (``tail_capacity``) the tail passes see ``k`` gathered rows, whose masks
+  (drawn with the same keys for a smaller batch) are not the clean pass's;
+  both tail passes still share them, so ``rho = 0`` stays the base step.
+
+  Batch statistics: a model with a BatchNorm in training mode makes each loss
+  depend on the whole batch; the returned function then has
+  ``per_example = False`` and ``imbsam(..., tail_capacity=...)`` refuses it
+  (pass ``clean_stats=`` for the anchored statistics below, or use the exact
+  path).
 
   BatchNorm on the fast path (``tail_capacity``): the clean pass built with
   ``with_clean_stats=True`` also returns the clean statistics of every
@@ -397,17 +448,16 @@ def nnx_loss_fn(
     >>> int(optimizer.step[...])
     1
   """
-  if isinstance(model, nnx.GraphDef):
+  live = not isinstance(model, nnx.GraphDef)
+  if not live:
     if rest is None:
       raise ValueError(
         "nnx_loss_fn(graphdef, per_example_loss, rest) needs rest, the last part"
         " of nnx.split(model, wrt, ...)."
       )
     graphdef = model
-  else:
-    if rest is not None:
-      raise TypeError("rest is taken from the model: pass it only with a graphdef.")
-    graphdef, _, rest = nnx.split(model, wrt, ...)
+  elif rest is not None:
+    raise TypeError("rest is taken from the model: pass it only with a graphdef.")
   if with_clean_stats and clean_stats is not None:
     raise ValueError(
       "with_clean_stats records the statistics of the clean pass, clean_stats="
@@ -418,9 +468,19 @@ def nnx_loss_fn(
       "with_clean_stats and clean_stats need tail_mask, batch -> (B,) tail"
       " weights of the rows (e.g. lambda batch: tail_mask_fn(batch['y']))."
     )
+  # A tail pass of a model replays the random numbers of its last forward pass.
+  replay = live and not (with_state or with_clean_stats)
 
   def loss_fn(params: Any, batch: Any) -> Any:
+    nonlocal graphdef, rest
+    if live:  # the model as it is now: after the step's clean pass
+      graphdef, _, rest = nnx.split(model, wrt, ...)
     copy = nnx.merge(graphdef, params, rest, copy=True)
+    if clean_stats is None:
+      loss_fn.per_example = not _normalizes_with_batch(copy)
+    if replay and _rng_counts(copy):
+      probe = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest, copy=True)
+      _rewind(copy, per_example_loss, probe, batch)
     recording = contextlib.nullcontext()
     if with_clean_stats or clean_stats is not None:
       size = jax.tree.leaves(batch)[0].shape[0]
@@ -443,6 +503,9 @@ def nnx_loss_fn(
       return out
     return out, extra[0] if len(extra) == 1 else tuple(extra)
 
+  loss_fn.per_example = True
+  if clean_stats is None and live:
+    loss_fn.per_example = not _normalizes_with_batch(model)
   return loss_fn
 
 

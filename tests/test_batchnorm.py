@@ -749,3 +749,98 @@ def test_nnx_batchnorm_subclass_keeps_its_behaviour():
   np.testing.assert_allclose(
     tail_loss(nnx.state(model, nnx.Param), batch)[rows], want[rows], rtol=1e-5
   )
+
+
+# --- dropout on the anchored path -------------------------------------------
+
+
+class DropoutConvNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, momentum=0.8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(4, NUM_CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.drop(nnx.relu(self.norm(self.conv(x))))
+    return self.head(x.mean((1, 2)))
+
+
+class LinenDropoutConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(4, (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.8)(x))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(NUM_CLASSES)(x.mean((1, 2)))
+
+
+def test_anchored_tail_pass_at_w_replays_the_clean_dropout():
+  """With dropout on, the anchored tail pass at w still gives the tail rows'
+  clean losses: NNX from the model (after its clean pass), Linen with the
+  step's key passed to both passes."""
+  batch = BATCHES[0]
+  rows = np.asarray(tail_mask(batch))
+  model = DropoutConvNet(nnx.Rngs(0))
+
+  @nnx.jit
+  def nnx_check(model, batch):
+    plain = imbsam_jax.flax.nnx_loss_fn(model, per_example_loss, with_state=True)
+    clean_losses, _ = plain(nnx.state(model, nnx.Param), batch)  # pure: no draw
+    _, _, stats = imbsam_jax.flax.nnx_value_and_grad_with_clean_stats(
+      per_example_loss, model, batch, tail_mask=tail_mask
+    )
+    tail_loss = imbsam_jax.flax.nnx_loss_fn(
+      model, per_example_loss, tail_mask=tail_mask, clean_stats=stats
+    )
+    return clean_losses, tail_loss(nnx.state(model, nnx.Param), batch)
+
+  clean_losses, tail_losses = nnx_check(model, batch)
+  np.testing.assert_allclose(tail_losses[rows], clean_losses[rows], rtol=1e-5)
+  again, _ = nnx_check(model, batch)  # the next step draws other masks
+  assert float(jnp.max(jnp.abs(again - clean_losses))) > 1e-3
+
+  net = LinenDropoutConvNet()
+  variables = net.init(jax.random.key(0), batch["x"], train=False)
+  rngs = {"dropout": jax.random.key(3)}
+  logits, _, stats = imbsam_jax.flax.linen_apply_recording_clean_stats(
+    net.apply, variables, batch["x"], train=True, rngs=rngs, tail_mask=rows
+  )
+  tail_logits = imbsam_jax.flax.linen_apply_with_clean_stats(
+    net.apply, variables, stats, batch["x"], train=True, rngs=rngs, tail_mask=rows
+  )
+  np.testing.assert_allclose(tail_logits[rows], logits[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_refuses_a_plain_loss_fn_with_batch_statistics():
+  """tail_capacity with nnx_loss_fn of a training-mode BatchNorm model (model or
+  graphdef form) is an error; in evaluation mode, or anchored, it runs."""
+  graphdef, params, rest = init_params()
+  batch = BATCHES[0]
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, MASK_FN, tail_capacity="auto")
+  grads = jax.grad(
+    lambda p: per_example_loss(nnx.merge(graphdef, p, rest), batch).mean()
+  )(params)
+
+  def update(loss_fn):
+    return jax.jit(
+      lambda: tx.update(
+        grads, tx.init(params), params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+      )
+    )()
+
+  model = nnx.merge(graphdef, params, rest)
+  for loss_fn in (
+    imbsam_jax.flax.nnx_loss_fn(model, per_example_loss),
+    imbsam_jax.flax.nnx_loss_fn(graphdef, per_example_loss, rest),
+  ):
+    with pytest.raises(ValueError, match=r"per_example = False.*clean_stats"):
+      update(loss_fn)
+  _, _, stats = clean_pass(graphdef, params, rest, batch)
+  update(
+    imbsam_jax.flax.nnx_loss_fn(
+      graphdef, per_example_loss, rest, tail_mask=tail_mask, clean_stats=stats
+    )
+  )
+  model.eval()
+  update(imbsam_jax.flax.nnx_loss_fn(model, per_example_loss))

@@ -164,6 +164,138 @@ def test_nnx_loss_fn_bad_arguments():
     imbsam_jax.flax.nnx_loss_fn(model, nnx_per_example_loss, rest)
 
 
+# --- Dropout: every pass of a step draws the clean pass's masks -------------
+
+
+class DropoutNet(nnx.Module):
+  """Two dropout layers on one RNG stream: a pass draws two keys."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.drop_in = nnx.Dropout(0.2, rngs=rngs)
+    self.hidden = nnx.Linear(5, 16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.out = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(nnx.relu(self.hidden(self.drop_in(x)))))
+
+
+class ScannedDropoutNet(nnx.Module):
+  """Three dropout blocks stacked by nnx.vmap and run by nnx.scan (a
+  transformer's layout): the RNG stream is used inside a JAX transform."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(5, 8, rngs=rngs)
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(rngs):
+      return nnx.Sequential(
+        nnx.Linear(8, 8, rngs=rngs), nnx.relu, nnx.Dropout(0.5, rngs=rngs)
+      )
+
+    self.blocks = blocks(rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, block):
+      return block(x)
+
+    return self.out(run(self.inp(x), self.blocks))
+
+
+def tail_and_head_grads(loss_fn, params, batch):
+  t = MASK_FN(batch["y"]).astype(jnp.float32)
+  size = t.shape[0]
+  tail = jax.grad(lambda p: jnp.sum(t * loss_fn(p, batch)) / size)(params)
+  head = jax.grad(lambda p: jnp.sum((1 - t) * loss_fn(p, batch)) / size)(params)
+  return tail, head
+
+
+@pytest.mark.parametrize("net", [DropoutNet, ScannedDropoutNet])
+@pytest.mark.parametrize("built", ["before", "after"])
+def test_nnx_loss_fn_replays_the_clean_pass_dropout(built, net):
+  """g_head + g_T(w) is the clean gradient, whenever the loss_fn is built."""
+  model = net(nnx.Rngs(0))
+  batch = BATCHES[0]
+
+  @nnx.jit
+  def check(model, batch):
+    if built == "before":
+      loss_fn = imbsam_jax.flax.nnx_loss_fn(model, nnx_per_example_loss)
+    clean = lambda m: nnx_per_example_loss(m, batch).mean()
+    _, grads = nnx.value_and_grad(clean)(model)
+    if built == "after":
+      loss_fn = imbsam_jax.flax.nnx_loss_fn(model, nnx_per_example_loss)
+    params = nnx.state(model, nnx.Param)
+    tail, head = tail_and_head_grads(loss_fn, params, batch)
+    return grads, jax.tree.map(jnp.add, tail, head), tail
+
+  grads, replayed, tail = check(model, batch)
+  chex.assert_trees_all_close(replayed, grads, atol=1e-6, rtol=1e-6)
+  assert optax.tree.norm(tail) > 0
+  # ... and the next step's clean pass draws new masks.
+  next_grads, _, _ = check(model, batch)
+  assert optax.tree.norm(jax.tree.map(jnp.subtract, next_grads, grads)) > 1e-3
+
+
+def dropout_reference(rho, batches):
+  """ImbSAM on DropoutNet from pure functions: every pass of a step merges the
+  state the step started from, so all draw the same dropout masks."""
+  graphdef, params, rest = nnx.split(DropoutNet(nnx.Rngs(0)), nnx.Param, ...)
+
+  def pure_loss(params, rest, batch):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    return nnx_per_example_loss(m, batch), nnx.state(m, nnx.Not(nnx.Param))
+
+  base = optax.sgd(0.1, momentum=0.9)
+  base_state = base.init(params)
+  for batch in batches:
+    loss_fn = lambda p, b, r=rest: pure_loss(p, r, b)[0]
+    if rho:
+      g = reference_grads(loss_fn, params, batch, rho)
+    else:
+      g = jax.grad(lambda p, b=batch, f=loss_fn: f(p, b).mean())(params)
+    _, rest = pure_loss(params, rest, batch)  # the clean pass advances the RNG
+    updates, base_state = base.update(g, base_state, params)
+    params = optax.apply_updates(params, updates)
+  return as_pure(params)
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.0])
+def test_nnx_optimizer_with_dropout_matches_reference(rho):
+  """nnx.Optimizer (README pattern) and a pure split-state step; rho = 0 is the
+  base optimizer on the clean gradient."""
+  tx = imbsam_jax.imbsam(optax.sgd(0.1, momentum=0.9), rho, MASK_FN)
+  model = DropoutNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, params, rest = nnx.split(DropoutNet(nnx.Rngs(0)), nnx.Param, ...)
+
+  @jax.jit
+  def pure_step(params, rest, opt_state, batch):
+    clean = imbsam_jax.flax.nnx_loss_fn(
+      graphdef, nnx_per_example_loss, rest, with_state=True
+    )
+    (_, rest_after), grads = jax.value_and_grad(
+      lambda p: (lambda out: (out[0].mean(), out[1]))(clean(p, batch)), has_aux=True
+    )(params)
+    loss_fn = imbsam_jax.flax.nnx_loss_fn(graphdef, nnx_per_example_loss, rest)
+    updates, opt_state = tx.update(
+      grads, opt_state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+    return optax.apply_updates(params, updates), rest_after, opt_state
+
+  opt_state = tx.init(params)
+  for batch in BATCHES:
+    nnx_train_step(model, optimizer, batch)
+    params, rest, opt_state = pure_step(params, rest, opt_state, batch)
+  want = dropout_reference(rho, BATCHES)
+  got = as_pure(nnx.state(model, nnx.Param))
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(as_pure(params), want, atol=1e-5, rtol=1e-5)
+
+
 # --- Linen ------------------------------------------------------------------
 
 
@@ -270,3 +402,119 @@ def test_linen_train_state_routes_keywords():
   chex.assert_trees_all_close(new.batch_stats, {"m": jnp.ones(2)})
   new.apply_gradients(grads={"w": jnp.ones(2)})  # no extra keywords: as in Flax
   assert seen[-1] == {}
+
+
+class LinenDropoutNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(16)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+    x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+    return nn.Dense(3)(x)
+
+
+def linen_dropout_loss(net, params, stats, batch, key):
+  """Per-example losses in training mode; the dropout key passed explicitly."""
+  logits, mutated = net.apply(
+    {"params": params, "batch_stats": stats},
+    batch["x"],
+    train=True,
+    rngs={"dropout": key},
+    mutable=["batch_stats"],
+  )
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  return losses, mutated["batch_stats"]
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.0])
+def test_linen_train_state_with_dropout_rngs(rho):
+  """One key per step, passed to the clean pass and to loss_fn: every pass
+  draws the same masks; rho = 0 is the base optimizer."""
+  net = LinenDropoutNet()
+  variables = net.init(jax.random.key(0), BATCHES[0]["x"], train=False)
+  tx = imbsam_jax.imbsam(optax.sgd(0.1, momentum=0.9), rho, MASK_FN)
+  state = TrainState.create(
+    apply_fn=net.apply,
+    params=variables["params"],
+    tx=tx,
+    batch_stats=variables["batch_stats"],
+  )
+
+  @jax.jit
+  def step(state, batch, key):
+    loss = lambda p, b: linen_dropout_loss(net, p, state.batch_stats, b, key)
+    mean_loss = lambda p: (lambda out: (out[0].mean(), out[1]))(loss(p, batch))
+    (_, stats), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+    return state.apply_gradients(
+      grads=grads,
+      batch_stats=stats,
+      loss_fn=lambda p, b: loss(p, b)[0],
+      batch=batch,
+      labels=batch["y"],
+    )
+
+  params, stats = variables["params"], variables["batch_stats"]
+  base = optax.sgd(0.1, momentum=0.9)
+  base_state = base.init(params)
+  for i, batch in enumerate(BATCHES):
+    key = jax.random.fold_in(jax.random.key(1), i)
+    state = step(state, batch, key)
+    loss_fn = lambda p, b, s=stats, k=key: linen_dropout_loss(net, p, s, b, k)[0]
+    if rho:
+      g = reference_grads(loss_fn, params, batch, rho)
+    else:
+      g = jax.grad(lambda p, b=batch, f=loss_fn: f(p, b).mean())(params)
+    stats = linen_dropout_loss(net, params, stats, batch, key)[1]
+    updates, base_state = base.update(g, base_state, params)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(state.batch_stats, stats, atol=1e-6)
+
+
+def test_nnx_freezing_with_the_wrt_filter():
+  """NNX freezes through wrt: frozen parameters sit in rest, so nnx_loss_fn
+  neither perturbs them nor nnx.Optimizer updates them; equals imbsam's
+  trainable= on the split state."""
+  head = nnx.All(nnx.Param, nnx.PathContains("out"))
+  model = NNXNet(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(NNXNet(nnx.Rngs(0)), nnx.Param, ...)
+  hidden = jax.tree.map(jnp.copy, as_pure(params)["hidden"])
+  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.1, MASK_FN)
+  optimizer = nnx.Optimizer(model, tx, wrt=head)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    loss_fn = imbsam_jax.flax.nnx_loss_fn(model, nnx_per_example_loss, wrt=head)
+    grads = nnx.grad(
+      lambda m: nnx_per_example_loss(m, batch).mean(), argnums=nnx.DiffState(0, head)
+    )(model)
+    optimizer.update(model, grads, loss_fn=loss_fn, batch=batch, labels=batch["y"])
+
+  frozen_tx = imbsam_jax.imbsam(
+    optax.adam(0.05),
+    0.1,
+    MASK_FN,
+    trainable={"hidden": False, "norm": False, "out": True},
+  )
+
+  @jax.jit
+  def pure_step(params, rest, opt_state, batch):
+    clean = imbsam_jax.flax.nnx_loss_fn(
+      graphdef, nnx_per_example_loss, rest, with_state=True
+    )
+    mean_loss = lambda p: (lambda out: (out[0].mean(), out[1]))(clean(p, batch))
+    (_, new_rest), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    loss_fn = imbsam_jax.flax.nnx_loss_fn(graphdef, nnx_per_example_loss, rest)
+    updates, opt_state = frozen_tx.update(
+      grads, opt_state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+    return optax.apply_updates(params, updates), new_rest, opt_state
+
+  opt_state = frozen_tx.init(params)
+  for batch in BATCHES:
+    step(model, optimizer, batch)
+    params, rest, opt_state = pure_step(params, rest, opt_state, batch)
+  got = as_pure(nnx.state(model, nnx.Param))
+  chex.assert_trees_all_equal(got["hidden"], hidden)
+  chex.assert_trees_all_close(got, as_pure(params), atol=1e-5, rtol=1e-5)
+  assert optax.tree.norm(optax.tree.sub(got["out"], as_pure(params)["out"])) < 1e-5
