@@ -342,7 +342,7 @@ def _rewind(
   after = dict(_rng_counts(probe))
   for path, counter in _rng_counts(model):
     drawn = _value(after[path]) - before[path]
-    counter.set_value(_value(counter) - drawn)
+    counter[...] = _value(counter) - drawn
 
 
 def nnx_loss_fn(
