@@ -11,7 +11,13 @@ on the same model and batch; only the optimizer differs:
   ``value_and_tail_grads`` (8 passes, the reference implementation's count);
 - ``imbsam-fast``: ``tail_capacity=k``, the two tail passes on k gathered examples
   (3 + 6k/B passes); with BatchNorm, their statistics anchored to the clean pass
-  (``imbsam_jax.flax``, an approximation), else exact.
+  (``imbsam_jax.flax``, an approximation), else exact; a batch with more than k
+  tail examples takes further chunks in a ``while`` loop;
+- ``imbsam-static``: the same with ``overflow="nan"`` (no control flow in the step)
+  and k the tail count of a stratified batch (``ceil(p B)``, a multiple of 8).
+
+Every row records ``control_flow_ops``, the ``while`` and ``conditional`` ops of
+the compiled step.
 
 ``--model resnet50`` (or ``resnext50_32x4d``) times the ImageNet models on 224x224
 images and 1000 classes instead of the CIFAR ResNet; ``--dtype bfloat16`` computes
@@ -30,6 +36,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -46,7 +54,8 @@ from shared import models, options, report, training
 from shared.options import FRACTION, POSITIVE, option
 
 MODELS = ("cifar", "resnet50", "resnext50_32x4d")
-VARIANTS = ("sgd", "sam", "imbsam", "imbsam-exact", "imbsam-fast")
+VARIANTS = ("sgd", "sam", "imbsam", "imbsam-exact", "imbsam-fast", "imbsam-static")
+FAST = ("imbsam-fast", "imbsam-static")
 PASSES = {"sgd": 3, "sam": 6, "imbsam": 9, "imbsam-exact": 8}
 
 
@@ -165,17 +174,28 @@ def build_step(variant: str, args: Config, norm: str, capacity: int):
   )  # the last class is the tail
   base = optax.sgd(0.01, momentum=0.9)
   method = {"sgd": "base", "sam": "sam"}.get(variant, "imbsam")
-  kwargs = {"tail_capacity": capacity} if variant == "imbsam-fast" else {}
+  kwargs = {"tail_capacity": capacity} if variant in FAST else {}
+  if variant == "imbsam-static":
+    kwargs["overflow"] = "nan"
   tx = training.make_optimizer(method, base, rho=0.05, tail_mask_fn=mask_fn, **kwargs)
   model = make_model(args, norm)
   path = {"imbsam-exact": "exact", "imbsam": "gathered"}.get(variant)
-  if variant == "imbsam-fast":  # BatchNorm: anchored tail statistics
+  if variant in FAST:  # BatchNorm: anchored tail statistics
     path = training.tail_path(model, capacity, "anchored")
   graphdef, state = training.init_train_state(model, tx)
   step = training.make_train_step(
     graphdef, per_example_loss, method, tx, tail_mask_fn=mask_fn, path=path or "exact"
   )
   return jax.jit(step), state
+
+
+def control_flow_ops(compiled: Any) -> int:
+  """The ``while`` and ``conditional`` ops of a compiled step (its HLO text).
+
+  >>> control_flow_ops(jax.jit(lambda x: x + 1).lower(1.0).compile())
+  0
+  """
+  return len(re.findall(r"\b(?:while|conditional)\(", compiled.as_text()))
 
 
 def peak_memory_bytes(compiled: Any) -> int | None:
@@ -205,16 +225,19 @@ def benchmark_setting(
   """Times the variants on a batch with this tail share; one row per variant.
 
   ``steps`` keeps the compiled steps (and their memory) between settings: only
-  ``imbsam-fast`` depends on the tail share, through its capacity.
+  the fast variants depend on the tail share, through their capacities.
   """
   steps = {} if steps is None else steps
   batch_size = args.batch_size
   num_tail = round(tail_fraction * batch_size)
   # Two groups of classes, the second (share tail_fraction of the data) the tail.
   counts = np.array([1 - tail_fraction, tail_fraction]) * 1e6
-  capacity = imbsam_jax.suggest_tail_capacity(
-    counts, eta=counts[1] + 1, batch_size=batch_size, num_std=args.capacity_std
-  )
+  capacities = {
+    "imbsam-fast": imbsam_jax.suggest_tail_capacity(
+      counts, eta=counts[1] + 1, batch_size=batch_size, num_std=args.capacity_std
+    ),
+    "imbsam-static": min(batch_size, 8 * max(1, math.ceil(num_tail / 8))),
+  }
   image_size, num_classes = shape(args)
   batch = make_batch(
     batch_size, num_tail, image_size=image_size, num_classes=num_classes
@@ -222,13 +245,15 @@ def benchmark_setting(
   key = jax.random.key(0)
   runners = {}
   for variant in variants:
-    name = (norm, variant, capacity if variant == "imbsam-fast" else None)
+    capacity = capacities.get(variant)
+    name = (norm, variant, capacity)
     if name not in steps:
       step, state = build_step(variant, args, norm, capacity)
-      memory = peak_memory_bytes(step.lower(state, batch, key).compile())
-      steps[name] = [step, state, memory]
+      compiled = step.lower(state, batch, key).compile()
+      steps[name] = [step, state, peak_memory_bytes(compiled)]
+      steps[name].append(control_flow_ops(compiled))
     runners[variant] = steps[name]
-    step, state, _ = runners[variant]
+    step, state, *_ = runners[variant]
     for _ in range(2):  # warm up
       state, metrics = step(state, batch, key)
     jax.block_until_ready(metrics)
@@ -237,7 +262,7 @@ def benchmark_setting(
   times: dict[str, list[float]] = {v: [] for v in variants}
   for _ in range(args.rounds):
     for variant in variants:
-      step, state, _ = runners[variant]
+      step, state, *_ = runners[variant]
       for _ in range(args.steps_per_round):
         start = time.perf_counter()
         state, metrics = step(state, batch, key)
@@ -250,15 +275,16 @@ def benchmark_setting(
   median = {v: statistics.median(t) for v, t in times.items()}
   rows = []
   for variant in variants:
-    passes = PASSES.get(variant, 3 + 6 * capacity / batch_size)
-    memory = runners[variant][2]
+    capacity = capacities.get(variant)
+    passes = PASSES.get(variant) or 3 + 6 * capacity / batch_size
+    memory, loops = runners[variant][2:]
     rows.append(
       {
         "norm": norm,
         "tail_fraction": tail_fraction,
         "num_tail": num_tail,
         "variant": variant,
-        "tail_capacity": capacity if variant == "imbsam-fast" else None,
+        "tail_capacity": capacity,
         "ms": 1e3 * median[variant],
         "images_per_s": batch_size / median[variant],
         "ratio_to_sgd": median[variant] / median["sgd"] if "sgd" in median else None,
@@ -266,6 +292,7 @@ def benchmark_setting(
         "passes": passes,
         "ideal_ratio_to_sgd": passes / 3,
         "peak_memory_mb": None if memory is None else memory / 2**20,
+        "control_flow_ops": loops,
       }
     )
   return rows
@@ -274,7 +301,7 @@ def benchmark_setting(
 def format_table(rows: list[dict[str, Any]]) -> str:
   header = (
     f"{'norm':6} {'tail':>5} {'variant':13} {'k':>4} {'ms':>9} {'img/s':>8}"
-    f" {'x SGD':>6} {'x SAM':>6} {'ideal':>6} {'peak MB':>8}"
+    f" {'x SGD':>6} {'x SAM':>6} {'ideal':>6} {'peak MB':>8} {'loops':>5}"
   )
   lines = [header, "-" * len(header)]
   fmt = lambda x, spec: "-" if x is None else format(x, spec)
@@ -284,6 +311,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
       f" {fmt(r['tail_capacity'], '4d'):>4} {r['ms']:9.1f} {r['images_per_s']:8.0f}"
       f" {fmt(r['ratio_to_sgd'], '6.2f'):>6} {fmt(r['ratio_to_sam'], '6.2f'):>6}"
       f" {r['ideal_ratio_to_sgd']:6.2f} {fmt(r['peak_memory_mb'], '8.1f'):>8}"
+      f" {r['control_flow_ops']:5d}"
     )
   return "\n".join(lines)
 

@@ -240,13 +240,15 @@ def _chunked_tail_grad(
   weights: jax.Array,
   order: jax.Array,
   capacity: int,
+  loop: bool,
 ) -> Any:
   """Tail gradient from the tail examples only, ``capacity`` at a time.
 
   The first chunk runs outside control flow (the common case: every tail
-  example fits). Further chunks, needed only when a batch holds more than
-  ``capacity`` tail examples, run in a ``while_loop`` whose trip count is zero
-  otherwise, so the result is always exact.
+  example fits). With ``loop``, further chunks, needed only when a batch holds
+  more than ``capacity`` tail examples, run in a ``while_loop`` whose trip
+  count is zero otherwise, so the result is always exact; without, the step
+  has no control flow and only the first chunk counts (the caller guards it).
   """
   num_tail = jnp.sum(weights > 0)
   positions = jnp.arange(capacity)
@@ -259,6 +261,8 @@ def _chunked_tail_grad(
     return grad_fn(params, chunk, chunk_weights)
 
   first = chunk_grad(0)
+  if not loop:
+    return first
 
   def body(carry):
     start, acc = carry
@@ -430,6 +434,7 @@ def imbsam(
   axis_name: str | None = None,
   per_device_perturbation: bool = False,
   tail_capacity: int | Literal["auto"] | None = None,
+  overflow: Literal["chunks", "nan"] = "chunks",
   trainable: Any = None,
   debug_checks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -553,6 +558,15 @@ def imbsam(
       the batch size is the per-device one. A ``loss_fn`` with
       ``per_example = False`` (``imbsam_jax.flax.nnx_loss_fn`` of a BatchNorm
       model in training mode) is refused here.
+    overflow: what the fast path does with a batch that holds more than
+      ``tail_capacity`` tail examples. ``"chunks"`` (default): further chunks
+      of ``k`` in a ``while_loop``, exact for every batch; its trip count is
+      data-dependent, which on GPUs makes the host wait for it every step.
+      ``"nan"``: no control flow in the step (one chunk); such a batch gets
+      a NaN update instead of a silently wrong one (``debug_checks`` says why,
+      ``optax.apply_if_finite`` skips it). Meant for batches whose tail count
+      is bounded by ``k`` by construction (stratified sampling, or ``k``
+      chosen per batch on the host).
     trainable: which parameters ImbSAM trains: a pytree of bools with the
       structure of ``params`` (or a prefix of it), or a function of
       ``params`` returning one (name it in ``inject_hyperparams``'s
@@ -645,6 +659,8 @@ def imbsam(
       "tail_capacity must be a positive int, 'auto' or None, got"
       f" {tail_capacity!r}{hint}."
     )
+  if overflow not in ("chunks", "nan"):
+    raise ValueError(f"overflow must be 'chunks' or 'nan', got {overflow!r}.")
   if per_device_perturbation and axis_name is None:
     raise ValueError("per_device_perturbation=True needs axis_name.")
   base_tx = optax.with_extra_args_support(base_tx)
@@ -727,11 +743,18 @@ def imbsam(
         " give it the clean pass's statistics (imbsam_jax.flax.nnx_loss_fn(...,"
         " clean_stats=...)), or use tail_capacity=None (exact)."
       )
+    if debug_checks and fast and overflow == "nan":
+      checkify.check(
+        jnp.sum(weights > 0) <= capacity,
+        "imbsam: the batch holds {count} tail examples, more than"
+        f" tail_capacity={capacity} (overflow='nan' makes this update NaN).",
+        count=jnp.sum(weights > 0),
+      )
     if fast:
       batch = _after(batch, updates)
       order = _tail_order(weights, capacity)
       tail_grad_at = lambda p: _chunked_tail_grad(
-        grad_fn, p, batch, weights, order, capacity
+        grad_fn, p, batch, weights, order, capacity, overflow == "chunks"
       )
     else:
       tail_grad_at = lambda p: grad_fn(p, batch, weights)
@@ -779,6 +802,11 @@ def imbsam(
       imbsam_grads, state.base_state, params, **extra_args
     )
     new_updates = _frozen_to_zero(new_updates, mask)
+    if fast and overflow == "nan":  # never a silently wrong step
+      overflowed = _pmean(jnp.sum(weights > 0) > capacity, axis_name) > 0
+      new_updates = jax.tree.map(
+        lambda u: jnp.where(overflowed, jnp.nan, u).astype(u.dtype), new_updates
+      )
     tail_fraction = _pmean(jnp.sum(weights) / size, axis_name)
     return new_updates, ImbSAMState(
       count=optax.safe_increment(state.count),

@@ -13,7 +13,7 @@ def test_benchmark_writes_ratios(tmp_path, capsys):
       "--width=4",
       "--norms=none",
       "--tail-fractions=0.2",
-      "--variants=sgd,imbsam-fast",
+      "--variants=sgd,imbsam-fast,imbsam-static",
       "--rounds=1",
       "--steps-per-round=1",
       f"--json={out}",
@@ -26,7 +26,12 @@ def test_benchmark_writes_ratios(tmp_path, capsys):
   assert fast["num_tail"] == 3 and fast["tail_capacity"] == 8
   assert fast["passes"] == 3 + 6 * 8 / 16
   assert fast["ms"] > 0 and fast["peak_memory_mb"] > 0
-  assert "imbsam-fast" in capsys.readouterr().out
+  # The overflow chunks' while loop, and the step without control flow.
+  assert rows["sgd"]["control_flow_ops"] == 0 and fast["control_flow_ops"] >= 1
+  assert rows["imbsam-static"]["control_flow_ops"] == 0
+  assert rows["imbsam-static"]["tail_capacity"] == 8
+  printed = capsys.readouterr().out
+  assert "imbsam-static" in printed and "loops" in printed
 
 
 def test_imbsam_peak_memory_within_sams(tmp_path):

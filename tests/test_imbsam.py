@@ -1,5 +1,7 @@
 """Tests of the imbsam transform against a plain reference computation."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -486,8 +488,10 @@ def test_state_diagnostics():
 
 
 def _update(tx, **kwargs):
+  """One update on BATCHES[0] (or ``batch=``); other keywords replace the extra
+  arguments."""
   params = init_params()
-  batch = BATCHES[0]
+  batch = kwargs.get("batch") or BATCHES[0]
   defaults = {"loss_fn": loss_fn, "batch": batch, "labels": batch["y"]}
   defaults.update(kwargs)
   return tx.update(clean_grads(params, batch), tx.init(params), params, **defaults)
@@ -558,8 +562,16 @@ def test_inject_hyperparams_without_static_args_says_what_to_write():
 def test_inconsistent_batch():
   tx = imbsam_jax.imbsam(optax.sgd(0.1), 0.05, HARD_MASK)
   batch = {"x": BATCHES[0]["x"], "y": BATCHES[0]["y"][:-1]}
+  params = init_params()
   with pytest.raises(ValueError, match="leading axis"):
-    _update(tx, batch=batch)
+    tx.update(
+      clean_grads(params, BATCHES[0]),
+      tx.init(params),
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      labels=batch["y"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -881,3 +893,66 @@ def test_debug_checks_pass_and_change_nothing():
       batch=batch,
       labels=batch["y"],
     )
+
+
+# --- overflow="nan": a fast path without control flow -------------------------
+
+
+def control_flow_ops(compiled_text):
+  return len(re.findall(r"\b(?:while|conditional)\(", compiled_text))
+
+
+def test_overflow_nan_is_exact_up_to_capacity_and_nan_beyond():
+  """Every tail count 0..B: equal to the exact step while it fits in k, a NaN
+  update beyond (never a silently wrong one); the compiled step has no while
+  and no conditional, the default ("chunks") has a while."""
+  capacity, params = 8, init_params()
+  exact = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, HARD_MASK)
+  fast = imbsam_jax.imbsam(
+    optax.sgd(0.3), 0.2, HARD_MASK, tail_capacity=capacity, overflow="nan"
+  )
+
+  def stepper(tx):
+    def step(params, state, batch):
+      return tx.update(
+        clean_grads(params, batch),
+        state,
+        params,
+        loss_fn=loss_fn,
+        batch=batch,
+        labels=batch["y"],
+      )
+
+    return jax.jit(step)
+
+  exact_step, fast_step = stepper(exact), stepper(fast)
+  for num_tail in range(BATCH + 1):
+    batch = make_batch(num_tail, num_tail)
+    want, _ = exact_step(params, exact.init(params), batch)
+    got, _ = fast_step(params, fast.init(params), batch)
+    if num_tail <= capacity:
+      chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
+    else:
+      assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(got))
+  assert fast_step._cache_size() == 1
+  args = (params, fast.init(params), BATCHES[0])
+  assert control_flow_ops(fast_step.lower(*args).compile().as_text()) == 0
+  chunked = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, HARD_MASK, tail_capacity=capacity)
+  assert control_flow_ops(stepper(chunked).lower(*args).compile().as_text()) >= 1
+
+
+def test_overflow_nan_with_inject_hyperparams_and_debug_checks():
+  tx = optax.inject_hyperparams(
+    imbsam_jax.imbsam, static_args=("tail_mask_fn", "tail_capacity", "overflow")
+  )(optax.sgd(0.3), 0.2, HARD_MASK, tail_capacity=4, overflow="nan", debug_checks=True)
+  fits, overflows = make_batch(0, num_tail=4), make_batch(1, num_tail=5)
+  exact = imbsam_jax.imbsam(optax.sgd(0.3), 0.1, HARD_MASK)
+  state = optax.tree_utils.tree_set(tx.init(init_params()), rho=0.1)
+  step = checked_step(tx)
+  err, (got, _) = step(init_params(), state, fits)
+  err.throw()
+  want, _ = _update(exact, batch=fits)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
+  err, _ = step(init_params(), state, overflows)
+  with pytest.raises(checkify.JaxRuntimeError, match="5 tail examples, more than"):
+    err.throw()

@@ -348,3 +348,22 @@ def test_debug_checks_catch_summed_grads_under_shard_map(grads_from):
   else:
     with pytest.raises(checkify.JaxRuntimeError, match="gradient of mean"):
       err.throw()
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_overflow_nan_sharded(axis_type):
+  """overflow='nan' on 8 devices: the single-device result while the global
+  tail (5 examples here) fits in k, a NaN update when it does not."""
+  mesh = AUTO_MESH if axis_type == "auto" else MESH
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  batches = [jax.device_put(b, rows) for b in BATCHES]
+  params = jax.device_put(init_params(), replicated)
+  tx = make_tx("hard", tail_capacity=8, overflow="nan")
+  step = jax.jit(functools.partial(plain_step, tx))
+  got, state = run(step, params, jax.device_put(tx.init(params), replicated), batches)
+  assert_matches_single_device(got, state, "hard")
+  small = make_tx("hard", tail_capacity=4, overflow="nan")
+  updated, _ = jax.jit(functools.partial(plain_step, small))(
+    params, small.init(params), batches[0]
+  )
+  assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(updated))
