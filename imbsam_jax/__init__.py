@@ -4,6 +4,7 @@ from imbsam_jax._imbsam import ImbSAMState, imbsam, value_and_tail_grads
 from imbsam_jax._priors import (
   LABELED_ANOMALY,
   TailMaskFn,
+  bucket_capacity,
   capacity_from_tail_fraction,
   labeled_anomaly_mask,
   long_tail_counts,
@@ -20,6 +21,7 @@ __all__ = [
   "LABELED_ANOMALY",
   "ImbSAMState",
   "TailMaskFn",
+  "bucket_capacity",
   "capacity_from_tail_fraction",
   "imbsam",
   "labeled_anomaly_mask",

@@ -325,6 +325,47 @@ def capacity_from_tail_fraction(
   return int(min(max(k, 1), batch_size))
 
 
+def bucket_capacity(num_tail: int, capacity: int, batch_size: int) -> int:
+  """The smallest of ``k, 2k, 4k, ..., B`` that holds a batch's tail examples.
+
+  .. math::
+    c = \\min(B, \\; k \\, 2^{\\max(0, \\lceil \\log_2 (n / k) \\rceil)})
+
+  For a fast path without control flow that is exact for every batch: the
+  host, which has the labels before the step, picks the capacity of each
+  batch and runs a step compiled for it (``imbsam(..., tail_capacity=c,
+  overflow="nan")``, which that batch never overflows; ``c = B`` is the
+  full-batch path). Each capacity used compiles once: with ``k`` from
+  :func:`capacity_from_tail_fraction` (``num_std = 2``) and uniform
+  sampling, about 2% of the batches hold more than ``k`` tail examples and
+  almost none more than ``2k``, so a run compiles two steps, rarely three.
+
+  Args:
+    num_tail: ``n``, the batch's examples with tail weight above zero (the
+      global batch's, when it is sharded).
+    capacity: ``k``, the smallest capacity (e.g. from
+      :func:`capacity_from_tail_fraction`).
+    batch_size: ``B``.
+
+  Returns:
+    ``c``, an int in ``[k, B]`` (``B`` if ``k > B``), at least ``num_tail``.
+
+  Example:
+    >>> import imbsam_jax
+    >>> [imbsam_jax.bucket_capacity(n, 8, 128) for n in (0, 8, 9, 17, 100)]
+    [8, 8, 16, 32, 128]
+  """
+  if isinstance(num_tail, bool) or int(num_tail) != num_tail or num_tail < 0:
+    raise ValueError(f"num_tail must be an int >= 0, got {num_tail}.")
+  if isinstance(capacity, bool) or int(capacity) != capacity or capacity < 1:
+    raise ValueError(f"capacity must be a positive int, got {capacity}.")
+  if num_tail > batch_size:
+    raise ValueError(f"num_tail={num_tail} exceeds batch_size={batch_size}.")
+  while capacity < num_tail:
+    capacity *= 2
+  return int(min(capacity, batch_size))
+
+
 def suggest_tail_capacity(
   class_counts: Any,
   eta: float,

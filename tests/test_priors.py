@@ -170,3 +170,15 @@ def test_bad_arguments():
     imbsam_jax.soft_tail_weights([10, 1], temperature=0)
   with pytest.raises(ValueError, match="batch_size"):
     imbsam_jax.suggest_tail_capacity([10, 1], eta=5, batch_size=0)
+
+
+def test_bucket_capacity():
+  """The smallest of k, 2k, ..., B holding the count, for every count."""
+  for batch_size, k in [(128, 8), (64, 24), (10, 16)]:
+    allowed = {min(k * 2**j, batch_size) for j in range(8)}
+    for n in range(batch_size + 1):
+      c = imbsam_jax.bucket_capacity(n, k, batch_size)
+      assert c == min(a for a in allowed if a >= n)
+  for args in [(-1, 8, 16), (3, 0, 16), (17, 8, 16), (True, 8, 16)]:
+    with pytest.raises(ValueError):
+      imbsam_jax.bucket_capacity(*args)

@@ -161,3 +161,51 @@ def test_sharded_step_on_local_devices():
   batch = training.shard_batch(jax.tree.map(np.asarray, BATCHES[0]), mesh)
   state, metrics = step(state, batch, jax.random.key(0))
   assert np.isfinite(float(metrics["loss"]))
+
+
+class GroupNet(Net):
+  """Net with GroupNorm: the fast path is exact."""
+
+  def __init__(self, rngs):
+    super().__init__(rngs)
+    self.norm = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+
+
+def test_capacity_steps_equal_the_exact_step_for_every_tail_count():
+  """A step per capacity, picked on the host: exact whether the batch's tail
+  fits k (8), needs 2k or the full batch; each capacity compiles once."""
+  batch_size, capacity = 24, 8
+  mesh = training.data_parallel_mesh(jax.devices()[:1])
+
+  def build(k):
+    fast = {} if k is None else {"tail_capacity": k, "overflow": "nan"}
+    tx = training.make_optimizer(
+      "imbsam", base_tx(), rho=0.1, tail_mask_fn=MASK_FN, **fast
+    )
+    graphdef, state = training.init_train_state(GroupNet(nnx.Rngs(0)), tx)
+    path = "exact" if k is None else "gathered"
+    step = training.make_train_step(
+      graphdef, per_example_loss, "imbsam", tx, tail_mask_fn=MASK_FN, path=path
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, out_shardings=replicated), training.replicate(state, mesh)
+
+  tail = imbsam_jax.tail_classes(COUNTS, eta=20)
+  steps = training.CapacitySteps(
+    lambda k: build(k)[0], lambda b: tail[b["label"]], capacity, batch_size
+  )
+  exact, state = build(None)
+  rng = np.random.default_rng(0)
+  batches = []
+  for num_tail in (0, 8, 9, 16, 17, 24):
+    label = rng.integers(0, 2, size=batch_size)
+    label[rng.permutation(batch_size)[:num_tail]] = 2
+    image = rng.normal(size=(batch_size, 6)).astype(np.float32)
+    batches.append({"image": image, "label": label.astype(np.int32)})
+  key = jax.random.key(0)
+  want, _, _ = training.train_steps(exact, state, batches, mesh, key)
+  got, sums, count = training.train_steps(steps, state, batches, mesh, key)
+  assert count == 6 and steps.capacities == [8, 16, 24]
+  assert steps.compiles() == 3
+  chex.assert_trees_all_close(got.params, want.params, atol=2e-5, rtol=2e-5)
+  assert np.isfinite(float(sums["loss"]))

@@ -288,24 +288,33 @@ def _train_step(
 
   ImbSAM's tail is the labeled anomalies, a share ``tail_fraction`` of the
   training set; ``path`` is ``gathered`` (the fast path, exact without
-  BatchNorm, ``tail_capacity="auto"``) or ``exact``.
+  BatchNorm: a :class:`training.CapacitySteps`, one step per tail capacity from
+  :func:`imbsam_jax.capacity_from_tail_fraction` up, no control flow) or
+  ``exact``.
   """
   loss_fn = functools.partial(per_example_loss, eta=config.eta_sad)
   if loss == "ae":
     loss_fn = reconstruction_loss
-  mask_fn = None
-  if method == "imbsam":
-    mask_fn = functools.partial(imbsam_jax.labeled_anomaly_mask)
-    mask_fn.tail_fraction = tail_fraction  # what tail_capacity="auto" reads
-  capacity = "auto" if path == "gathered" else None
-  base = base_optimizer(config)
-  tx = training.make_optimizer(
-    method, base, rho=rho, tail_mask_fn=mask_fn, tail_capacity=capacity
+  mask_fn = imbsam_jax.labeled_anomaly_mask if method == "imbsam" else None
+
+  def make(capacity: int | None) -> tuple[optax.GradientTransformation, Any]:
+    fast = {} if capacity is None else {"tail_capacity": capacity, "overflow": "nan"}
+    tx = training.make_optimizer(
+      method, base_optimizer(config), rho=rho, tail_mask_fn=mask_fn, **fast
+    )
+    step = training.make_train_step(
+      graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn, path=path
+    )
+    return tx, jax.jit(step, donate_argnums=0)
+
+  if method != "imbsam" or path != "gathered":
+    return make(None)
+  batch = config.batch_size
+  capacity = imbsam_jax.capacity_from_tail_fraction(tail_fraction, batch)
+  steps = training.CapacitySteps(
+    lambda k: make(k)[1], lambda b: b["label"] == LABELED_ANOMALY, capacity, batch
   )
-  step = training.make_train_step(
-    graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn, path=path
-  )
-  return tx, jax.jit(step, donate_argnums=0)
+  return make(capacity)[0], steps
 
 
 def fit(

@@ -322,7 +322,8 @@ def _show_counts(counts: np.ndarray, most: int = 40) -> str:
 
 
 class RunSteps(NamedTuple):
-  """One run's replicated ``state``, jitted ``train_step(state, batch, key)`` and
+  """One run's replicated ``state``, jitted ``train_step(state, batch, key)`` (on
+  the fast path a :class:`training.CapacitySteps`, a step per tail capacity) and
   ``predict(state, batch) -> (2, C)`` (per class: correct predictions, valid
   test images), ``eval_graphdef`` (eval mode) and learning-rate ``schedule``."""
 
@@ -371,20 +372,21 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(schedule, momentum=config.momentum),
   )
-  tail_mask_fn = None
-  extra: dict[str, Any] = {}
+  tail_mask_fn, capacity, extra = None, None, {}
   if cell.method == "imbsam":
-    tail_mask_fn = imbsam_jax.tail_mask_from_counts(
-      exp.train_counts, cell.setting["eta"]
-    )
-    exact = config.tail_path() == "exact"
-    capacity = None if exact else config.tail_capacity  # "auto": k from mask_fn
-    extra = {"tail_loss_scale": config.tail_loss_scale, "tail_capacity": capacity}
+    eta = cell.setting["eta"]
+    tail_mask_fn = imbsam_jax.tail_mask_from_counts(exp.train_counts, eta)
+    capacity = exp.tail_capacity(eta)  # None: the exact path
+    extra = {"tail_loss_scale": config.tail_loss_scale}
   rho = cell.setting.get("rho", 0.0)
-  tx = training.make_optimizer(
-    cell.method, base_tx, rho=rho, tail_mask_fn=tail_mask_fn, **extra
-  )
-  graphdef, state = training.init_train_state(model, tx)
+
+  def make_tx(capacity: int | None) -> optax.GradientTransformation:
+    fast = {} if capacity is None else {"tail_capacity": capacity, "overflow": "nan"}
+    return training.make_optimizer(
+      cell.method, base_tx, rho=rho, tail_mask_fn=tail_mask_fn, **extra, **fast
+    )
+
+  graphdef, state = training.init_train_state(model, make_tx(capacity))
   mean, std = jnp.asarray(exp.mean), jnp.asarray(exp.std)
 
   def preprocess(key: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
@@ -393,15 +395,28 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
       images = training.random_crop_flip(key, images)
     return {**batch, "image": (images - mean) / std}
 
-  step = training.make_train_step(
-    graphdef,
-    per_example_loss_fn(exp),
-    cell.method,
-    tx,
-    tail_mask_fn=tail_mask_fn,
-    path=config.tail_path(),
-    augment=preprocess,
-  )
+  # Fixed output shardings: the state stays replicated, so no step recompiles;
+  # the counts are summed over the batch shards of every device and process.
+  replicated = NamedSharding(exp.mesh, PartitionSpec())
+
+  def jitted_step(capacity: int | None) -> Any:
+    step = training.make_train_step(
+      graphdef,
+      per_example_loss_fn(exp),
+      cell.method,
+      make_tx(capacity),
+      tail_mask_fn=tail_mask_fn,
+      path=config.tail_path(),
+      augment=preprocess,
+    )
+    return jax.jit(step, out_shardings=replicated)
+
+  train_step = jitted_step(None)
+  if capacity is not None:  # the fast path: a step per capacity, no control flow
+    tail = imbsam_jax.tail_classes(exp.train_counts, cell.setting["eta"])
+    train_step = training.CapacitySteps(
+      jitted_step, lambda batch: tail[batch["label"]], capacity, config.batch_size
+    )
 
   def predict(state: training.TrainState, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(eval_graphdef, state.params, state.model_state)
@@ -411,12 +426,9 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     tally = lambda w: jnp.zeros(num_classes, jnp.int32).at[labels].add(w)
     return jnp.stack([tally(hits.astype(jnp.int32)), tally(valid.astype(jnp.int32))])
 
-  # Fixed output shardings: the state stays replicated, so no step recompiles;
-  # the counts are summed over the batch shards of every device and process.
-  replicated = NamedSharding(exp.mesh, PartitionSpec())
   return RunSteps(
     state=training.replicate(state, exp.mesh),
-    train_step=jax.jit(step, out_shardings=replicated),
+    train_step=train_step,
     predict=jax.jit(predict, out_shardings=replicated),
     eval_graphdef=eval_graphdef,
     schedule=schedule,
@@ -567,9 +579,14 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     "resumed_from_step": start,
     "train_time_s": round(train_time, 3),
     "compiles": {
-      "train_step": run.train_step._cache_size(),
+      "train_step": (
+        run.train_step.compiles()
+        if isinstance(run.train_step, training.CapacitySteps)
+        else run.train_step._cache_size()
+      ),
       "predict": run.predict._cache_size(),
     },
+    "tail_capacities": getattr(run.train_step, "capacities", None),
     "config": {
       **options.to_json(config),
       **{k: cell.setting.get(k) for k in USES["imbsam"]},
@@ -660,8 +677,10 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
     tail, capacity = imbsam_jax.tail_classes(counts, eta), exp.tail_capacity(eta)
     path = {
       "exact": "exact path (full batch)",
-      "gathered": f"fast path, exact (tail_capacity={capacity})",
-      "anchored": f"fast path, anchored BatchNorm (tail_capacity={capacity})",
+      "gathered": f"fast path, exact (tail_capacity {capacity}, 2x, ...: a step"
+      " per capacity, no control flow)",
+      "anchored": f"fast path, anchored BatchNorm (tail_capacity {capacity}, 2x,"
+      " ...: a step per capacity, no control flow)",
     }[config.tail_path()]
     share = counts[tail].sum() / counts.sum()
     log(f"ImbSAM tail at eta={eta:g}: {tail.sum()} classes, {share:.1%}; {path}")

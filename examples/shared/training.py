@@ -191,6 +191,53 @@ def make_train_step(
   return step
 
 
+class CapacitySteps:
+  """ImbSAM's step compiled once per tail capacity, the capacity picked on the host.
+
+  The fast path without control flow (``imbsam(..., overflow="nan")``) is exact
+  for a batch whose tail fits its capacity. The host has the labels before the
+  step: :meth:`select` counts the global batch's tail rows (summed over the
+  processes) and returns the step of :func:`imbsam_jax.bucket_capacity` of that
+  count, compiling it the first time. ``build(k)`` makes the jitted step of
+  capacity ``k``; every step shares the state's structure.
+
+  Example:
+    >>> steps = CapacitySteps(lambda k: f"step of {k}", lambda b: b["y"] == 9, 8, 64)
+    >>> steps.select({"y": np.array([9] * 11)}), steps.capacities
+    ('step of 16', [16])
+  """
+
+  def __init__(
+    self,
+    build: Callable[[int], Callable],
+    tail_rows: Callable[[Any], np.ndarray],
+    capacity: int,
+    batch_size: int,
+  ):
+    self._build, self._tail_rows = build, tail_rows
+    self._capacity, self._batch_size = capacity, batch_size
+    self._steps: dict[int, Callable] = {}
+
+  @property
+  def capacities(self) -> list[int]:
+    """The capacities compiled so far, in increasing order."""
+    return sorted(self._steps)
+
+  def select(self, local_batch: Any) -> Callable:
+    """The step for this process's rows of a global batch (all processes call it)."""
+    count = int(np.sum(self._tail_rows(local_batch)))
+    if jax.process_count() > 1:
+      count = int(np.sum(multihost_utils.process_allgather(np.int32(count))))
+    k = imbsam_jax.bucket_capacity(count, self._capacity, self._batch_size)
+    if k not in self._steps:
+      self._steps[k] = self._build(k)
+    return self._steps[k]
+
+  def compiles(self) -> int:
+    """Compiled programs over all capacities."""
+    return sum(step._cache_size() for step in self._steps.values())
+
+
 def train_steps(
   step: Callable,
   state: TrainState,
@@ -204,12 +251,14 @@ def train_steps(
 ) -> tuple[TrainState, dict[str, jax.Array], int]:
   """Runs ``step`` over this process's rows of each global batch.
 
-  Step ``i`` gets the key ``fold_in(key, first_step + i)``. Returns the state, each
-  metric summed over the steps (on device, added to ``sums``) and the step count.
+  Step ``i`` gets the key ``fold_in(key, first_step + i)``; a :class:`CapacitySteps`
+  picks each batch's step. Returns the state, each metric summed over the steps
+  (on device, added to ``sums``) and the step count.
   """
   sums, count = dict(sums or {}), 0
   for i, batch in enumerate(batches):
-    state, metrics = step(
+    run = step.select(batch) if isinstance(step, CapacitySteps) else step
+    state, metrics = run(
       state, shard_batch(batch, mesh), jax.random.fold_in(key, first_step + i)
     )
     sums = {k: sums[k] + v if k in sums else v for k, v in metrics.items()}
