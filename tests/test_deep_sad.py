@@ -323,6 +323,9 @@ def test_main_smoke(tmp_path, capsys):
   assert (tmp_path / "roc.png").stat().st_size > 0
   out = capsys.readouterr().out
   assert "imbsam" in out and "mean" in out
+  # The encoder has BatchNorm: ImbSAM takes the exact path, and says so.
+  assert [r["tail_path"] for r in runs] == [None, None, "exact"] * 2
+  assert "ImbSAM (tail: the labeled anomalies): exact path" in out
   log = (tmp_path / "metrics" / "imbsam_normal_class0_labeled_anomaly_ratio0.05"
          "_pollution0.1_rho0.01_seed0.csv").read_text().splitlines()  # fmt: skip
   assert log[0] == "epoch,loss,tail_fraction,tail_grad_norm" and len(log) == 2

@@ -956,3 +956,21 @@ def test_overflow_nan_with_inject_hyperparams_and_debug_checks():
   err, _ = step(init_params(), state, overflows)
   with pytest.raises(checkify.JaxRuntimeError, match="5 tail examples, more than"):
     err.throw()
+
+
+def test_overflow_nan_with_a_soft_mask():
+  """A soft mask puts every example in the tail: any k < B overflows (NaN);
+  bucket_capacity then picks B, the full-batch path, which is exact."""
+  batch = BATCHES[0]
+  num_tail = int(jnp.sum(SOFT_MASK(batch["y"]) > 0))
+  assert num_tail == BATCH
+  small = imbsam_jax.imbsam(
+    optax.sgd(0.3), 0.2, SOFT_MASK, tail_capacity=8, overflow="nan"
+  )
+  assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(_update(small)[0]))
+  k = imbsam_jax.bucket_capacity(num_tail, 8, BATCH)
+  picked = imbsam_jax.imbsam(
+    optax.sgd(0.3), 0.2, SOFT_MASK, tail_capacity=k, overflow="nan"
+  )
+  exact = imbsam_jax.imbsam(optax.sgd(0.3), 0.2, SOFT_MASK)
+  chex.assert_trees_all_close(_update(picked)[0], _update(exact)[0], atol=1e-7)

@@ -458,6 +458,9 @@ def train_and_evaluate(
     "auroc": auc,
     "final_loss": history[-1],
     "train_seconds": round(time.perf_counter() - start, 3),
+    "tail_path": (
+      training.tail_path(model, "auto", "exact") if cell.method == "imbsam" else None
+    ),
     "data": info,
     "config": {**options.to_json(config), **sweeps, "method": cell.method},
   }
@@ -517,6 +520,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress=config.progress,
   )
   runs, keys = results["runs"], report.varying(results["runs"], ["rho"])
+  paths = {run["tail_path"] for run in runs} - {None}
+  for path in sorted(paths):  # the step ImbSAM's runs took
+    print(
+      "ImbSAM (tail: the labeled anomalies): "
+      + {
+        "gathered": "fast path, exact (a step per tail capacity k, 2k, ..., picked"
+        " from each batch's labels; no control flow)",
+        "exact": "exact path (full batch: the encoder's BatchNorm needs it)",
+      }[path]
+    )
   settings: dict[tuple, list] = {}  # (gamma_l, pollution) -> [(run, ROC curve)]
   for run, curve in zip(runs, curves, strict=True):
     setting = (run["labeled_anomaly_ratio"], run["pollution"])
