@@ -263,6 +263,26 @@ def dropout_reference(rho, batches):
   return as_pure(params)
 
 
+def split_state_step(graphdef, tx):
+  """A pure split-state step: the clean pass on ``rest``, whose new state it
+  returns; the tail passes on the ``rest`` the clean pass started from."""
+
+  @jax.jit
+  def step(params, rest, opt_state, batch):
+    clean = imbsam_jax.flax.nnx_loss_fn(
+      graphdef, nnx_per_example_loss, rest, with_state=True
+    )
+    mean_loss = lambda p: (lambda out: (out[0].mean(), out[1]))(clean(p, batch))
+    (_, new_rest), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    loss_fn = imbsam_jax.flax.nnx_loss_fn(graphdef, nnx_per_example_loss, rest)
+    updates, opt_state = tx.update(
+      grads, opt_state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
+    )
+    return optax.apply_updates(params, updates), new_rest, opt_state
+
+  return step
+
+
 @pytest.mark.parametrize("rho", [0.1, 0.0])
 def test_nnx_optimizer_with_dropout_matches_reference(rho):
   """nnx.Optimizer (README pattern) and a pure split-state step; rho = 0 is the
@@ -272,20 +292,7 @@ def test_nnx_optimizer_with_dropout_matches_reference(rho):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, params, rest = nnx.split(DropoutNet(nnx.Rngs(0)), nnx.Param, ...)
 
-  @jax.jit
-  def pure_step(params, rest, opt_state, batch):
-    clean = imbsam_jax.flax.nnx_loss_fn(
-      graphdef, nnx_per_example_loss, rest, with_state=True
-    )
-    (_, rest_after), grads = jax.value_and_grad(
-      lambda p: (lambda out: (out[0].mean(), out[1]))(clean(p, batch)), has_aux=True
-    )(params)
-    loss_fn = imbsam_jax.flax.nnx_loss_fn(graphdef, nnx_per_example_loss, rest)
-    updates, opt_state = tx.update(
-      grads, opt_state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
-    )
-    return optax.apply_updates(params, updates), rest_after, opt_state
-
+  pure_step = split_state_step(graphdef, tx)
   opt_state = tx.init(params)
   for batch in BATCHES:
     nnx_train_step(model, optimizer, batch)
@@ -497,19 +504,7 @@ def test_nnx_freezing_with_the_wrt_filter():
     trainable={"hidden": False, "norm": False, "out": True},
   )
 
-  @jax.jit
-  def pure_step(params, rest, opt_state, batch):
-    clean = imbsam_jax.flax.nnx_loss_fn(
-      graphdef, nnx_per_example_loss, rest, with_state=True
-    )
-    mean_loss = lambda p: (lambda out: (out[0].mean(), out[1]))(clean(p, batch))
-    (_, new_rest), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-    loss_fn = imbsam_jax.flax.nnx_loss_fn(graphdef, nnx_per_example_loss, rest)
-    updates, opt_state = frozen_tx.update(
-      grads, opt_state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
-    )
-    return optax.apply_updates(params, updates), new_rest, opt_state
-
+  pure_step = split_state_step(graphdef, frozen_tx)
   opt_state = frozen_tx.init(params)
   for batch in BATCHES:
     step(model, optimizer, batch)

@@ -819,14 +819,21 @@ def test_clipping_inside_bounds_the_update():
 # --- debug_checks: values known only inside jit ----------------------------------
 
 
-def checked_step(tx, grads_scale=1.0):
+def update_step(tx, grads_scale=1.0):
+  """``(params, state, batch) -> tx.update(...)`` on the clean gradient (times
+  ``grads_scale``)."""
+
   def step(params, state, batch):
     grads = jax.tree.map(lambda g: grads_scale * g, clean_grads(params, batch))
     return tx.update(
       grads, state, params, loss_fn=loss_fn, batch=batch, labels=batch["y"]
     )
 
-  return checkify.checkify(jax.jit(step))
+  return step
+
+
+def checked_step(tx, grads_scale=1.0):
+  return checkify.checkify(jax.jit(update_step(tx, grads_scale)))
 
 
 def run_checked(tx, batch=BATCHES[0], steps=1, rho=None, **kwargs):
@@ -912,19 +919,7 @@ def test_overflow_nan_is_exact_up_to_capacity_and_nan_beyond():
     optax.sgd(0.3), 0.2, HARD_MASK, tail_capacity=capacity, overflow="nan"
   )
 
-  def stepper(tx):
-    def step(params, state, batch):
-      return tx.update(
-        clean_grads(params, batch),
-        state,
-        params,
-        loss_fn=loss_fn,
-        batch=batch,
-        labels=batch["y"],
-      )
-
-    return jax.jit(step)
-
+  stepper = lambda tx: jax.jit(update_step(tx))
   exact_step, fast_step = stepper(exact), stepper(fast)
   for num_tail in range(BATCH + 1):
     batch = make_batch(num_tail, num_tail)
