@@ -83,6 +83,9 @@ def test_two_processes_match_one_of_eight_devices(tmp_path):
   assert a["config"]["num_devices"] == b["config"]["num_devices"] == 8
   assert a["test_counts"] == b["test_counts"] == [TEST_PER_CLASS] * len(TRAIN_COUNTS)
   np.testing.assert_allclose(a["per_class"], b["per_class"], rtol=1e-5)
+  # The fast path: each batch's capacity from the tail count over both processes.
+  assert a["tail_path"] == "gathered" and a["tail_capacities"]
+  assert a["tail_capacities"] == b["tail_capacities"]
   for key in ("train_loss", "train_tail_grad_norm"):
     np.testing.assert_allclose(a["history"][key], b["history"][key], rtol=1e-5)
   params = [
