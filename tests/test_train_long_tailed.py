@@ -13,6 +13,7 @@ before anything is loaded, with one line naming the flag.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import jax
@@ -827,3 +828,61 @@ def test_large_scale_presets(name, spec, model, batch_size, lr, weight_decay):
   assert {p.dtype for p in jax.tree.leaves(state)} == {jnp.dtype("float32")}
   logits = jax.eval_shape(lambda: make()(jnp.zeros((1, 64, 64, 3))))
   assert logits.dtype == jnp.bfloat16
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+  """The scalars TensorBoard shows for a run's event files: read in name order,
+  a START session log at step s drops the events at steps >= s before it."""
+  from tensorboardX.proto import event_pb2
+
+  events = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):  # records: length, its CRC, the event, its CRC
+      (size,) = struct.unpack("<Q", data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + size])
+      i += 12 + size + 4
+      if event.session_log.status == event_pb2.SessionLog.START:
+        events = [e for e in events if e.step < event.step]
+      events.append(event)
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  for event in events:
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_step_metrics_survive_an_interruption(npz_file, tmp_path, monkeypatch):
+  """--log-every-steps: CSV rows and TensorBoard scalars every 2 steps; killed
+  after step 8 (last checkpoint at 6) and resumed, both hold each step once,
+  with the values of an uninterrupted run (images/s aside)."""
+  extra = ["--optimizer", "imbsam", "--log-every-steps", "2"]
+  extra += ["--checkpoint-every-steps", "3"]
+  whole = npz_args(npz_file, tmp_path / "whole", *REFERENCE, *extra)
+  long_tailed.main(whole)
+  args = npz_args(npz_file, tmp_path / "cut", *REFERENCE, *extra)
+  run_killed(monkeypatch, args, at_step=7)
+  name = "imbsam_rho0.05_eta20_seed0"
+  assert (tmp_path / "cut" / "metrics" / f"{name}.steps.csv").read_text().count(
+    "\n8,"
+  ) == 1  # written before the interruption
+  long_tailed.main([*args, "--resume"])
+
+  def rows(out):
+    text = (out / "metrics" / f"{name}.steps.csv").read_text().splitlines()
+    header = text[0].split(",")
+    assert header[:3] == ["step", "epoch", "accuracy"] and "images_per_s" in header
+    assert {"tail_fraction", "tail_grad_norm", "lr", "rho"} <= set(header)
+    keep = [i for i, h in enumerate(header) if h != "images_per_s"]
+    return [[line.split(",")[i] for i in keep] for line in text[1:]]
+
+  want, got = rows(tmp_path / "whole"), rows(tmp_path / "cut")
+  assert [r[0] for r in got] == ["2", "4", "6", "8", "10"] and got == want
+  scalars = tensorboard_scalars(tmp_path / "cut" / "tensorboard" / name)
+  reference = tensorboard_scalars(tmp_path / "whole" / "tensorboard" / name)
+  steps = lambda tag: sorted(step for step, _ in scalars[tag])  # each once
+  assert steps("train/loss") == [2, 4, 6, 8, 10] and steps("epoch/loss") == [5, 10]
+  for tag in ("train/loss", "train/tail_grad_norm", "train/lr", "epoch/accuracy"):
+    got, want = (np.array(sorted(tb[tag])) for tb in (scalars, reference))
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=tag)
+  assert all(v > 0 for _, v in scalars["train/images_per_s"])

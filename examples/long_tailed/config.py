@@ -241,6 +241,15 @@ class Config:
     check=NON_NEGATIVE,
     fingerprint=False,
   )
+  log_every_steps: int = option(
+    0,
+    "also log the metrics of every N training steps (mean loss, accuracy, ImbSAM's"
+    " tail_fraction and tail_grad_norm, lr, rho, images/s) to"
+    " metrics/<run>.steps.csv and TensorBoard (tensorboard/<run>/); 0: per epoch"
+    " only",
+    check=NON_NEGATIVE,
+    fingerprint=False,
+  )
   keep_checkpoints: int = option(
     2, "checkpoints kept per run (the newest)", check=POSITIVE, fingerprint=False
   )

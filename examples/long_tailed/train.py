@@ -510,36 +510,71 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
       start, history = int(meta["step"]), meta["history"]
       sums = {k: jnp.float32(v) for k, v in meta["epoch_sums"].items()}
       assert int(state.step) == start == loader.position, "inconsistent checkpoint"
-  log = metrics_log(Path(config.out) / "metrics" / f"{cell.name}.csv", start)
+  metrics_dir, every = Path(config.out) / "metrics", config.log_every_steps
+  log = metrics_log(metrics_dir / f"{cell.name}.csv", start)
+  step_log = tensorboard = None
+  if every:
+    step_log = metrics_log(metrics_dir / f"{cell.name}.steps.csv", start)
+    tensorboard = runner.TensorBoardLog(
+      Path(config.out) / "tensorboard" / cell.name, resume_step=start
+    )
   aug_key = jax.random.fold_in(jax.random.key(cell.seed), 1)
   bar.update(start)
   started, position = time.perf_counter(), start
+  window, window_steps, window_start = {}, 0, started  # since the last step row
+  epoch_start = started
+  add = lambda a, b: {k: a[k] + v if k in a else v for k, v in b.items()}
   try:
     with loader:
       while position < total:
-        stop = next(  # the next epoch end or checkpoint
+        stop = next(  # the next epoch end, checkpoint or step row
           s
           for s in itertools.count(position + 1)
-          if s % steps == 0 or checkpoint_due(config, s, steps)
+          if s % steps == 0
+          or checkpoint_due(config, s, steps)
+          or (every and s % every == 0)
         )
-        state, sums, _ = training.train_steps(
+        state, chunk, count = training.train_steps(
           run.train_step,
           state,
           itertools.islice(loader, stop - position),
           exp.mesh,
           aug_key,
           first_step=position,
-          sums=sums,
           bar=bar,
         )
+        sums, window, window_steps = (
+          add(sums, chunk),
+          add(window, chunk),
+          window_steps + count,
+        )
         position = stop
+        lr = float(run.schedule(position - 1))
+        if every and (position % every == 0 or position == total):
+          now = time.perf_counter()  # float() above waited for the steps
+          row = {k: float(v) / window_steps for k, v in window.items()}
+          row.update(
+            lr=lr,
+            rho=cell.setting.get("rho", 0.0),
+            images_per_s=window_steps * config.batch_size / (now - window_start),
+          )
+          step_log.write({"step": position, "epoch": position / steps, **row})
+          tensorboard.write(position, row, "train")
+          window, window_steps, window_start = {}, 0, now
         if position % steps == 0:
           means, sums = {k: float(v) / steps for k, v in sums.items()}, {}
-          bar.set_postfix(epoch=position // steps, loss=f"{means['loss']:.3f}")
+          now = time.perf_counter()
+          bar.set_postfix(
+            epoch=position // steps,
+            loss=f"{means['loss']:.3f}",
+            img_s=f"{steps * config.batch_size / (now - epoch_start):.0f}",
+          )
+          epoch_start = now
           for k, v in means.items():
             history.setdefault(f"train_{k}", []).append(v)
-          lr = float(run.schedule(position - 1))
           log.write({"epoch": position // steps, "step": position, **means, "lr": lr})
+          if tensorboard:
+            tensorboard.write(position, {**means, "lr": lr}, "epoch")
         if checkpointer and checkpoint_due(config, position, steps):
           assert loader.position == position
           meta = {"fingerprint": made_with, "history": history}
@@ -551,6 +586,8 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
   finally:
     if checkpointer:
       checkpointer.close()
+    if tensorboard:
+      tensorboard.close()
   train_time = time.perf_counter() - started
   eval_batch = training.padded_batch_size(
     config.eval_batch_size, len(exp.data.test), exp.mesh

@@ -123,6 +123,44 @@ class MetricsLog:
       )
 
 
+class TensorBoardLog:
+  """Scalars as TensorBoard event files (``tensorboard --logdir`` opens them),
+  written by process 0 through tensorboardX (no TensorFlow).
+
+  ``resume_step`` > 0 marks the events after it, written before an
+  interruption, as discarded (TensorBoard's purge step), so a resumed run
+  neither duplicates nor loses points.
+  """
+
+  def __init__(self, logdir: str | Path, *, resume_step: int = 0):
+    self._writer = None
+    if is_main_process():
+      from tensorboardX import SummaryWriter  # imported by process 0 only
+
+      # A resumed run writes a file of its own, named to sort after the first
+      # (file names hold the second they were made in; TensorBoard reads them
+      # in name order).
+      suffix = f".resumed-{resume_step:010d}" if resume_step else ""
+      self._writer = SummaryWriter(
+        str(logdir),
+        purge_step=resume_step + 1 if resume_step else None,
+        flush_secs=30,
+        filename_suffix=suffix,
+      )
+
+  def write(self, step: int, row: Mapping[str, Any], prefix: str) -> None:
+    """Each number of ``row`` as the scalar ``prefix/name`` at ``step``."""
+    if self._writer is None:
+      return
+    for name, value in row.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._writer.add_scalar(f"{prefix}/{name}", value, step)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
 def run_grid(
   cells: Sequence[Cell],
   run_one: Callable[[Cell, Any], dict[str, Any]],

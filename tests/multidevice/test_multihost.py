@@ -47,6 +47,7 @@ def test_two_processes_match_one_of_eight_devices(tmp_path):
     "--optimizer=imbsam",
     "--lr=0.1",
     "--checkpoint-every-steps=3",
+    "--log-every-steps=2",
     "--no-progress",
   ]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -86,6 +87,11 @@ def test_two_processes_match_one_of_eight_devices(tmp_path):
   # The fast path: each batch's capacity from the tail count over both processes.
   assert a["tail_path"] == "gathered" and a["tail_capacities"]
   assert a["tail_capacities"] == b["tail_capacities"]
+  # Process 0 alone writes the step log and the TensorBoard events.
+  (events,) = (tmp_path / "two" / "tensorboard").glob("*/events.out.tfevents.*")
+  steps = (tmp_path / "two" / "metrics").glob("*.steps.csv")
+  assert [len(p.read_text().splitlines()) for p in steps] == [3]  # header, 2, 4
+  assert events.stat().st_size > 0
   for key in ("train_loss", "train_tail_grad_norm"):
     np.testing.assert_allclose(a["history"][key], b["history"][key], rtol=1e-5)
   params = [
