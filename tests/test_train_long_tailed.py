@@ -13,7 +13,11 @@ before anything is loaded, with one line naming the flag.
 from __future__ import annotations
 
 import json
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -886,3 +890,42 @@ def test_step_metrics_survive_an_interruption(npz_file, tmp_path, monkeypatch):
     got, want = (np.array(sorted(tb[tag])) for tb in (scalars, reference))
     np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=tag)
   assert all(v > 0 for _, v in scalars["train/images_per_s"])
+
+
+def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
+  """A real SIGTERM mid-run: the step in progress finishes, a checkpoint is
+  written, the process exits with 143 and one line; --resume then ends with
+  the per-class accuracy of an uninterrupted run."""
+  common = ["--optimizer", "imbsam", "--epochs", "10", "--checkpoint-every", "5"]
+  common += ["--log-every-steps", "1", "--no-progress"]
+  cut = tmp_path / "cut"
+  process = subprocess.Popen(
+    [sys.executable, "examples/train_long_tailed.py", *common, "--out", str(cut)],
+    cwd=Path(__file__).resolve().parents[1],
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+  )
+  steps_log = cut / "metrics" / "imbsam_rho0.05_eta20_seed0.steps.csv"
+  deadline = time.monotonic() + 300
+  while not steps_log.is_file() and process.poll() is None:  # training has begun
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  sent = time.monotonic()
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=60)
+  assert time.monotonic() - sent < 30
+  assert process.returncode == 143, err[-3000:]
+  (line,) = [x for x in err.splitlines() if "SIGTERM" in x]
+  assert "stopped run imbsam_rho0.05_eta20_seed0 after step" in line
+  assert "rerun with --resume" in line
+  stopped = int(line.split("after step ")[1].split()[0])
+  assert 0 < stopped < 10 * 9
+
+  resumed = long_tailed.main([*common, "--out", str(cut), "--resume"])["runs"][0]
+  assert resumed["resumed_from_step"] == stopped
+  whole = long_tailed.main([*common, "--out", str(tmp_path / "whole")])["runs"][0]
+  assert resumed["per_class"] == whole["per_class"]
+  assert resumed["history"] == whole["history"]
+  rows = steps_log.read_text().splitlines()[1:]
+  assert [int(r.split(",")[0]) for r in rows] == list(range(1, 10 * 9 + 1))

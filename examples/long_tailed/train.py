@@ -521,11 +521,33 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
   aug_key = jax.random.fold_in(jax.random.key(cell.seed), 1)
   bar.update(start)
   started, position = time.perf_counter(), start
-  window, window_steps, window_start = {}, 0, started  # since the last step row
+  window = {"sums": {}, "steps": 0, "start": started}  # since the last step row
   epoch_start = started
   add = lambda a, b: {k: a[k] + v if k in a else v for k, v in b.items()}
+
+  def write_step_row(position: int) -> None:
+    """The means of the steps since the last row, at ``position``."""
+    now = time.perf_counter()  # float() waits for the steps
+    row = {k: float(v) / window["steps"] for k, v in window["sums"].items()}
+    row.update(
+      lr=float(run.schedule(position - 1)),
+      rho=cell.setting.get("rho", 0.0),
+      images_per_s=window["steps"] * config.batch_size / (now - window["start"]),
+    )
+    step_log.write({"step": position, "epoch": position / steps, **row})
+    tensorboard.write(position, row, "train")
+    window.update(sums={}, steps=0, start=now)
+
+  def save(position: int) -> None:
+    assert loader.position == position
+    meta = {"fingerprint": made_with, "history": history}
+    meta.update(
+      data=loader.get_state(), epoch_sums={k: float(v) for k, v in sums.items()}
+    )
+    checkpointer.save(position, state, meta)
+
   try:
-    with loader:
+    with loader, training.Preemption() as preemption:
       while position < total:
         stop = next(  # the next epoch end, checkpoint or step row
           s
@@ -542,27 +564,17 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
           aug_key,
           first_step=position,
           bar=bar,
+          stop=preemption.requested,
         )
-        sums, window, window_steps = (
-          add(sums, chunk),
-          add(window, chunk),
-          window_steps + count,
-        )
-        position = stop
-        lr = float(run.schedule(position - 1))
-        if every and (position % every == 0 or position == total):
-          now = time.perf_counter()  # float() above waited for the steps
-          row = {k: float(v) / window_steps for k, v in window.items()}
-          row.update(
-            lr=lr,
-            rho=cell.setting.get("rho", 0.0),
-            images_per_s=window_steps * config.batch_size / (now - window_start),
-          )
-          step_log.write({"step": position, "epoch": position / steps, **row})
-          tensorboard.write(position, row, "train")
-          window, window_steps, window_start = {}, 0, now
+        sums = add(sums, chunk)
+        window.update(sums=add(window["sums"], chunk), steps=window["steps"] + count)
+        position += count  # stop, unless a SIGTERM ended the stretch early
+        stopped = preemption.stopped
+        if every and (position % every == 0 or position == total or stopped):
+          write_step_row(position)
         if position % steps == 0:
           means, sums = {k: float(v) / steps for k, v in sums.items()}, {}
+          lr = float(run.schedule(position - 1))
           now = time.perf_counter()
           bar.set_postfix(
             epoch=position // steps,
@@ -575,14 +587,18 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
           log.write({"epoch": position // steps, "step": position, **means, "lr": lr})
           if tensorboard:
             tensorboard.write(position, {**means, "lr": lr}, "epoch")
-        if checkpointer and checkpoint_due(config, position, steps):
-          assert loader.position == position
-          meta = {"fingerprint": made_with, "history": history}
-          meta.update(
-            data=loader.get_state(),
-            epoch_sums={k: float(v) for k, v in sums.items()},
+        if checkpointer and (stopped or checkpoint_due(config, position, steps)):
+          save(position)
+        if stopped:  # SIGTERM: this step is logged and checkpointed; exit
+          raise training.Preempted(
+            f"train_long_tailed.py: SIGTERM: stopped run {cell.name} after step"
+            f" {position} of {total}; "
+            + (
+              f"checkpoint written to {checkpointer.directory}: rerun with --resume"
+              if checkpointer
+              else "no checkpoint (checkpointing is off): its steps are lost"
+            )
           )
-          checkpointer.save(position, state, meta)
   finally:
     if checkpointer:
       checkpointer.close()

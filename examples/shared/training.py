@@ -16,6 +16,8 @@ Data parallelism is jit + sharding (:func:`data_parallel_mesh`, :func:`shard_bat
 from __future__ import annotations
 
 import functools
+import signal
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -238,6 +240,60 @@ class CapacitySteps:
     return sum(step._cache_size() for step in self._steps.values())
 
 
+class Preempted(SystemExit):
+  """The run stopped on SIGTERM after writing a checkpoint (exit status 143)."""
+
+  def __init__(self, message: str):
+    print(message, file=sys.stderr, flush=True)
+    super().__init__(128 + signal.SIGTERM)
+
+
+class Preemption:
+  """SIGTERM (SLURM, Kubernetes, TPU maintenance) asks the loop to stop after a step.
+
+  Inside ``with Preemption() as p:`` a SIGTERM sets a flag instead of ending the
+  process, and :meth:`requested` (the ``stop`` of :func:`train_steps`) says
+  whether any process has one (then :attr:`stopped` stays true). With several
+  processes every ``check_every``-th call compares the flags (a collective,
+  which waits for the step), so that all stop after the same step; one process
+  looks at every call.
+
+  Example:
+    >>> import os
+    >>> with Preemption() as preemption:
+    ...   before = preemption.requested()
+    ...   os.kill(os.getpid(), signal.SIGTERM)
+    ...   after = preemption.requested()
+    >>> before, after
+    (False, True)
+  """
+
+  def __init__(self, check_every: int = 10):
+    self._every = 1 if jax.process_count() == 1 else check_every
+    self._calls, self._flag, self._previous = 0, False, None
+    self.stopped = False  # requested() has said so
+
+  def __enter__(self) -> Preemption:
+    def handler(signum: int, frame: Any) -> None:
+      self._flag = True
+
+    self._previous = signal.signal(signal.SIGTERM, handler)
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def requested(self) -> bool:
+    """Whether to stop now (the same answer on every process)."""
+    self._calls += 1
+    if self._every == 1:
+      self.stopped = self._flag
+    elif self._calls % self._every == 0:
+      flags = multihost_utils.process_allgather(np.int32(self._flag))
+      self.stopped = bool(np.any(flags))
+    return self.stopped
+
+
 def train_steps(
   step: Callable,
   state: TrainState,
@@ -248,11 +304,13 @@ def train_steps(
   first_step: int = 0,
   sums: dict[str, jax.Array] | None = None,
   bar: Any = None,
+  stop: Callable[[], bool] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], int]:
   """Runs ``step`` over this process's rows of each global batch.
 
   Step ``i`` gets the key ``fold_in(key, first_step + i)``; a :class:`CapacitySteps`
-  picks each batch's step. Returns the state, each metric summed over the steps
+  picks each batch's step. After each step, ``stop()`` true ends the loop early
+  (no further batch is read). Returns the state, each metric summed over the steps
   (on device, added to ``sums``) and the step count.
   """
   sums, count = dict(sums or {}), 0
@@ -265,6 +323,8 @@ def train_steps(
     count += 1
     if bar is not None:
       bar.update(1)
+    if stop is not None and stop():
+      break
   return state, sums, count
 
 
