@@ -475,3 +475,25 @@ def test_benchmark_input_runs_small(tmp_path, capsys):
   assert memory["peak_rss_mb"] > 0
   assert len(list((tmp_path / "img").iterdir())) == 24
   assert "grain-0" in capsys.readouterr().out
+
+
+def test_list_files_checked_and_undecodable_images_named(tmp_path):
+  """check_files counts the missing files and names the first; an image that
+  does not decode fails with its list line and path, not a bare PIL error."""
+  lines = [f"x/{i}.jpg {i % 2}" for i in range(6)]
+  (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+  for i in (0, 2, 3):
+    write_jpeg(tmp_path / f"x/{i}.jpg", np.random.default_rng(i))
+  source = pipeline.ListSource(tmp_path, tmp_path / "list.txt")
+  pattern = r"3 of the 6 files of .*list\.txt are missing, e\.g\. .*list\.txt line 2: "
+  with pytest.raises(FileNotFoundError, match=pattern + r".*x/1\.jpg"):
+    source.check_files()
+  for i in (1, 4, 5):
+    write_jpeg(tmp_path / f"x/{i}.jpg", np.random.default_rng(i))
+  (tmp_path / "x/4.jpg").write_bytes(b"not a jpeg")
+  source.check_files()  # every file exists now
+  match = r"list\.txt line 5: .*x/4\.jpg: cannot decode the image"
+  with pytest.raises(ValueError, match=match):
+    list(_train(source, global_batch_size=6))
+  with pytest.raises(ValueError, match=match):
+    list(pipeline.eval_loader(source, global_batch_size=6, image_size=SIZE))

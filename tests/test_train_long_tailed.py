@@ -929,3 +929,14 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
   assert resumed["history"] == whole["history"]
   rows = steps_log.read_text().splitlines()[1:]
   assert [int(r.split(",")[0]) for r in rows] == list(range(1, 10 * 9 + 1))
+
+
+def test_missing_list_file_fails_before_training(tmp_path):
+  root = write_lt_dataset(tmp_path / "data")
+  train_list = (root / "ImageNet_LT_train.txt").read_text().splitlines()
+  (root / train_list[3].split()[0]).unlink()
+  spec = f"list:{root},ImageNet_LT_train.txt,ImageNet_LT_test.txt"
+  args = [f"--dataset={spec}", "--model=small_cnn", "--image-size=16", "--epochs=1"]
+  with pytest.raises(FileNotFoundError, match=r"1 of the \d+ files .* line 4: "):
+    long_tailed.main([*args, "--no-progress", "--out", str(tmp_path / "out")])
+  assert not (tmp_path / "out" / "checkpoints").exists()

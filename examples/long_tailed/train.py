@@ -248,6 +248,9 @@ def open_data(config: Config, dataset: data.Dataset | None = None) -> Data:
       pipeline.open_source(config.dataset, split=split, data_dir=config.data_dir)
       for split in ("train", "test")
     )
+    for source in (train, test):  # a missing file fails now, not hours into training
+      if isinstance(source, pipeline.ListSource):
+        source.check_files()
     counts = pipeline.class_counts(train)
     ratio = float(counts.max() / counts[counts > 0].min())
     names = tuple(str(c) for c in range(len(counts)))

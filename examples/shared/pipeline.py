@@ -214,9 +214,9 @@ def _parse_list(text: str, name: Path) -> tuple[list[str], np.ndarray, np.ndarra
 class ListSource:
   """The image files of a split list, paths relative to ``root``.
 
-  Construction reads the list only. ``source[i]`` reads image ``i``'s file:
-  ``{"image": bytes, "label": int}``; a missing file is a FileNotFoundError
-  naming the list's line.
+  Construction reads the list only; :meth:`check_files` looks for every file
+  (before training). ``source[i]`` reads image ``i``'s file: ``{"image": bytes,
+  "label": int}``; a missing file is a FileNotFoundError naming the list's line.
   """
 
   def __init__(
@@ -228,6 +228,25 @@ class ListSource:
   ):
     self.root, self._list = Path(root), _SplitList(list_file, num_classes=num_classes)
     self.labels, self.num_classes = self._list.labels, self._list.num_classes
+
+  def check_files(self) -> None:
+    """FileNotFoundError with the count and the first few of the missing files
+    (one ``stat`` a file: seconds for ImageNet-LT on a local disk)."""
+    missing = [
+      i
+      for i, path in enumerate(self._list.paths)
+      if not (self.root / path.decode()).is_file()
+    ]
+    if missing:
+      shown = "; ".join(self.where(i) for i in missing[:3])
+      raise FileNotFoundError(
+        f"{len(missing)} of the {len(self)} files of {self._list.file} are"
+        f" missing, e.g. {shown}."
+      )
+
+  def where(self, index: int) -> str:
+    """``"FILE line N: PATH"`` of image ``index``, for error messages."""
+    return f"{self._list.where(index)}: {self.root / self._list.paths[index].decode()}"
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -449,10 +468,22 @@ def resized_shape(height: int, width: int, shorter: int) -> tuple[int, int]:
   return int(shorter * height / width), shorter
 
 
+def _decoded(source: Source, index: int) -> tuple[Image.Image, int]:
+  """Record ``index`` of ``source`` as an RGB image and its label; an image that
+  does not decode is a ValueError naming it (its list line, for a list)."""
+  record = source[index]
+  try:
+    return _to_image(record["image"]), record["label"]
+  except (OSError, ValueError) as error:  # PIL: UnidentifiedImageError, truncated
+    where = getattr(source, "where", lambda i: f"record {i} of {source!r}")(index)
+    raise ValueError(f"{where}: cannot decode the image ({error}).") from None
+
+
 def _to_image(image: bytes | np.ndarray) -> Image.Image:
   """An RGB PIL image from encoded bytes or a uint8 ``(H, W)``/``(H, W, C)`` array."""
   if isinstance(image, bytes):
     image = Image.open(io.BytesIO(image))
+    image.load()  # decode now: a broken file fails here, not later
   else:
     pixels = np.asarray(image, np.uint8)
     image = Image.fromarray(pixels[..., 0] if pixels.shape[2:] == (1,) else pixels)
@@ -469,15 +500,15 @@ class _TrainExample:
 
   def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
     position, index = item
-    record, rng = self.source[index], np.random.default_rng((self.seed, position))
-    image = _to_image(record["image"])
+    image, label = _decoded(self.source, index)
+    rng = np.random.default_rng((self.seed, position))
     top, left, h, w = random_resized_crop_box(image.height, image.width, rng)
     size = (self.image_size, self.image_size)
     image = image.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
     pixels = np.asarray(image)
     if rng.random() < 0.5:
       pixels = pixels[:, ::-1]
-    return {"image": pixels, "label": np.int32(record["label"])}
+    return {"image": pixels, "label": np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,13 +524,12 @@ class _EvalExample:
     if index < 0:
       blank = np.zeros((size, size, 3), np.uint8)
       return {"image": blank, "label": np.int32(0), "valid": np.False_}
-    record = self.source[index]
-    image = _to_image(record["image"])
+    image, label = _decoded(self.source, index)
     h, w = resized_shape(image.height, image.width, round(size * EVAL_RESIZE))
     top, left = round((h - size) / 2), round((w - size) / 2)
     image = image.resize((w, h), Image.BILINEAR)
     pixels = np.asarray(image.crop((left, top, left + size, top + size)))
-    return {"image": pixels, "label": np.int32(record["label"]), "valid": np.True_}
+    return {"image": pixels, "label": np.int32(label), "valid": np.True_}
 
 
 @dataclasses.dataclass(frozen=True)
