@@ -743,12 +743,13 @@ def imbsam(
         " give it the clean pass's statistics (imbsam_jax.flax.nnx_loss_fn(...,"
         " clean_stats=...)), or use tail_capacity=None (exact)."
       )
+    num_tail = jnp.sum(weights > 0)
     if debug_checks and fast and overflow == "nan":
       checkify.check(
-        jnp.sum(weights > 0) <= capacity,
+        num_tail <= capacity,
         "imbsam: the batch holds {count} tail examples, more than"
         f" tail_capacity={capacity} (overflow='nan' makes this update NaN).",
-        count=jnp.sum(weights > 0),
+        count=num_tail,
       )
     if fast:
       batch = _after(batch, updates)
@@ -803,7 +804,7 @@ def imbsam(
     )
     new_updates = _frozen_to_zero(new_updates, mask)
     if fast and overflow == "nan":  # never a silently wrong step
-      overflowed = _pmean(jnp.sum(weights > 0) > capacity, axis_name) > 0
+      overflowed = _pmean(num_tail > capacity, axis_name) > 0
       new_updates = jax.tree.map(
         lambda u: jnp.where(overflowed, jnp.nan, u).astype(u.dtype), new_updates
       )

@@ -455,7 +455,6 @@ def nnx_loss_fn(
         "nnx_loss_fn(graphdef, per_example_loss, rest) needs rest, the last part"
         " of nnx.split(model, wrt, ...)."
       )
-    graphdef = model
   elif rest is not None:
     raise TypeError("rest is taken from the model: pass it only with a graphdef.")
   if with_clean_stats and clean_stats is not None:
@@ -472,14 +471,15 @@ def nnx_loss_fn(
   replay = live and not (with_state or with_clean_stats)
 
   def loss_fn(params: Any, batch: Any) -> Any:
-    nonlocal graphdef, rest
     if live:  # the model as it is now: after the step's clean pass
-      graphdef, _, rest = nnx.split(model, wrt, ...)
-    copy = nnx.merge(graphdef, params, rest, copy=True)
+      graph, _, state = nnx.split(model, wrt, ...)
+    else:
+      graph, state = model, rest
+    copy = nnx.merge(graph, params, state, copy=True)
     if clean_stats is None:
       loss_fn.per_example = not _normalizes_with_batch(copy)
     if replay and _rng_counts(copy):
-      probe = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest, copy=True)
+      probe = nnx.merge(graph, jax.lax.stop_gradient(params), state, copy=True)
       _rewind(copy, per_example_loss, probe, batch)
     recording = contextlib.nullcontext()
     if with_clean_stats or clean_stats is not None:

@@ -370,3 +370,19 @@ def test_overflow_nan_sharded(axis_type):
     params, small.init(params), batches[0]
   )
   assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(updated))
+
+
+def test_overflow_nan_under_shard_map():
+  """Per-device capacity (axis_name): k = 4 holds every device's tail (3 at
+  most here) and equals one device; with k = 2 one device overflows, and every
+  replica gets the NaN update (the flag is averaged over the axis)."""
+  params = init_params()
+  batches = [jax.device_put(b, NamedSharding(MESH, P("data"))) for b in BATCHES]
+  fits = make_tx("hard", axis_name="data", tail_capacity=4, overflow="nan")
+  step = sharded(functools.partial(shard_map_step, fits, "hard", "pmean_loss"))
+  got, state = run(step, params, fits.init(params), batches)
+  assert_matches_single_device(got, state, "hard")
+  small = make_tx("hard", axis_name="data", tail_capacity=2, overflow="nan")
+  step = sharded(functools.partial(shard_map_step, small, "hard", "pmean_loss"))
+  updated, _ = step(params, small.init(params), batches[0])
+  assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(updated))
