@@ -497,3 +497,49 @@ def test_list_files_checked_and_undecodable_images_named(tmp_path):
     list(_train(source, global_batch_size=6))
   with pytest.raises(ValueError, match=match):
     list(pipeline.eval_loader(source, global_batch_size=6, image_size=SIZE))
+
+
+def test_skip_unreadable(tmp_path, monkeypatch, caplog):
+  """A training example takes the next record that decodes and a test image
+  becomes padding; each skip is logged and counted, in worker processes too."""
+  lines = [f"x/{i}.jpg {i}" for i in range(6)]
+  (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+  for i in range(6):
+    write_jpeg(tmp_path / f"x/{i}.jpg", np.random.default_rng(i))
+  (tmp_path / "x/4.jpg").write_bytes(b"not a jpeg")
+  source = pipeline.ListSource(tmp_path, tmp_path / "list.txt")
+  for workers in (0, 1):
+    loader = _train(
+      source, global_batch_size=6, num_epochs=2, workers=workers, skip_unreadable=True
+    )
+    with loader:
+      batches = list(loader)
+    assert loader.skipped == 2 and loader.get_state()["position"] == 2
+    for batch in batches:  # record 4 (label 4) is read as record 5; no extra key
+      assert sorted(batch) == ["image", "label"]
+      assert sorted(batch["label"].tolist()) == [0, 1, 2, 3, 5, 5]
+  assert "x/4.jpg: cannot decode the image" in caplog.text
+  copy = tmp_path / "copy"  # the same list with x/4.jpg a copy of x/5.jpg
+  shutil.copytree(tmp_path / "x", copy / "x")
+  shutil.copy(tmp_path / "x/5.jpg", copy / "x/4.jpg")
+  (clean,) = _train(
+    pipeline.ListSource(copy, tmp_path / "list.txt"), global_batch_size=6
+  )
+  (skipping,) = _train(source, global_batch_size=6, skip_unreadable=True)
+  np.testing.assert_array_equal(clean["image"], skipping["image"])  # same crops
+  assert (clean["label"] != skipping["label"]).sum() == 1
+  loader = pipeline.eval_loader(
+    source, global_batch_size=4, image_size=SIZE, skip_unreadable=True
+  )
+  batches = list(loader)
+  assert np.concatenate([b["valid"] for b in batches]).tolist() == [
+    *[True] * 4,
+    False,  # record 4
+    True,
+    False,
+    False,  # padding
+  ]
+  assert loader.skipped == 1 and "skipped" not in batches[0]
+  monkeypatch.setattr(pipeline, "MAX_SKIPPED", 1)
+  with pytest.raises(ValueError, match="1 consecutive records do not decode"):
+    list(_train(source, global_batch_size=6, skip_unreadable=True))

@@ -215,6 +215,13 @@ class Config:
     check=NON_NEGATIVE,
     fingerprint=False,
   )
+  skip_unreadable: bool = option(
+    False,
+    "streamed data: skip images that do not decode (logged; a training example"
+    " takes the next record, a test image leaves the metrics) and count them in"
+    " results.json; default: fail naming the file",
+    fingerprint=False,
+  )
   many_threshold: int = option(
     50, "Many split: more training images than this", check=NON_NEGATIVE
   )

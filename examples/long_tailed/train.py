@@ -45,7 +45,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -170,12 +170,11 @@ class Data(NamedTuple):
       **self.loader_options,
     )
 
-  def eval_batches(self, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  def eval_loader(self, global_batch_size: int) -> pipeline.Batches:
     """This process's rows of the test set's batches, padded (``valid``)."""
-    with pipeline.eval_loader(
+    return pipeline.eval_loader(
       self.test, global_batch_size=global_batch_size, **self.loader_options
-    ) as loader:
-      yield from loader
+    )
 
   def describe(self) -> dict[str, Any]:
     return {
@@ -241,7 +240,10 @@ class Experiment(NamedTuple):
 def open_data(config: Config, dataset: data.Dataset | None = None) -> Data:
   """The ``--dataset`` (or ``dataset``): in memory, or its streamed sources."""
   options = dict(
-    image_size=config.image_size, workers=config.workers, threads=config.threads
+    image_size=config.image_size,
+    workers=config.workers,
+    threads=config.threads,
+    skip_unreadable=config.skip_unreadable,
   )
   if dataset is None and config.streamed:
     train, test = (
@@ -492,6 +494,7 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     config.batch_size, seed=cell.seed, num_epochs=config.epochs
   )
   state, start, history, sums = run.state, 0, {}, {}
+  skipped_before = 0  # undecodable training records skipped before a resume
   made_with = fingerprint(exp, cell)
   checkpointer = None
   if config.checkpoint_every or config.checkpoint_every_steps:
@@ -511,6 +514,7 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
         )
       loader.set_state(meta["data"])
       start, history = int(meta["step"]), meta["history"]
+      skipped_before = meta.get("skipped_unreadable", 0)
       sums = {k: jnp.float32(v) for k, v in meta["epoch_sums"].items()}
       assert int(state.step) == start == loader.position, "inconsistent checkpoint"
   metrics_dir, every = Path(config.out) / "metrics", config.log_every_steps
@@ -545,7 +549,9 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     assert loader.position == position
     meta = {"fingerprint": made_with, "history": history}
     meta.update(
-      data=loader.get_state(), epoch_sums={k: float(v) for k, v in sums.items()}
+      data=loader.get_state(),
+      epoch_sums={k: float(v) for k, v in sums.items()},
+      skipped_unreadable=skipped_before + training.process_sum(loader.skipped),
     )
     checkpointer.save(position, state, meta)
 
@@ -611,9 +617,14 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
   eval_batch = training.padded_batch_size(
     config.eval_batch_size, len(exp.data.test), exp.mesh
   )
-  counts = training.sum_over_batches(
-    functools.partial(run.predict, state), exp.data.eval_batches(eval_batch), exp.mesh
-  )
+  with exp.data.eval_loader(eval_batch) as test_loader:
+    counts = training.sum_over_batches(
+      functools.partial(run.predict, state), test_loader, exp.mesh
+    )
+  skipped = {
+    "train": skipped_before + training.process_sum(loader.skipped),
+    "test": training.process_sum(test_loader.skipped),
+  }
   eta = cell.setting.get("eta")
   return {
     "optimizer": "sgd" if cell.method == "base" else cell.method,
@@ -643,6 +654,7 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
       "predict": run.predict._cache_size(),
     },
     "tail_capacities": getattr(run.train_step, "capacities", None),
+    "skipped_unreadable": skipped,
     "config": {
       **options.to_json(config),
       **{k: cell.setting.get(k) for k in USES["imbsam"]},

@@ -30,6 +30,13 @@ records cut to ``N // B`` whole batches; augmentation draws from
 ``numpy.random.default_rng((seed, position))``. (grain's ``DataLoader`` with an
 ``IndexSampler`` sharded by JAX process would give each process a fixed block of
 the list, and batches that change with the number of workers.)
+
+An image that does not decode is a ValueError naming its list line and path. With
+``skip_unreadable=True`` the loaders log it and go on: a training example takes the
+next record that decodes (``index + 1``, ``index + 2``, ... as timm's datasets do,
+so batches keep their shape and the stream stays deterministic), a test image
+becomes a padding row (``valid`` False, out of the metrics); :attr:`Batches.skipped`
+counts them.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import logging
 import math
 import os
 from pathlib import Path
@@ -58,6 +66,8 @@ TFDS_SPLITS = {
 #: RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's).
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
+#: Consecutive undecodable records a skipping training loader tries before failing.
+MAX_SKIPPED = 100
 #: Evaluation resizes the shorter side to this times the crop (256 for 224).
 EVAL_RESIZE = 256 / 224
 
@@ -468,15 +478,37 @@ def resized_shape(height: int, width: int, shorter: int) -> tuple[int, int]:
   return int(shorter * height / width), shorter
 
 
+class UnreadableImage(ValueError):
+  """A record whose image does not decode; the message names it."""
+
+
 def _decoded(source: Source, index: int) -> tuple[Image.Image, int]:
   """Record ``index`` of ``source`` as an RGB image and its label; an image that
-  does not decode is a ValueError naming it (its list line, for a list)."""
+  does not decode is an :class:`UnreadableImage` naming it (its list line, for a
+  list)."""
   record = source[index]
   try:
     return _to_image(record["image"]), record["label"]
   except (OSError, ValueError) as error:  # PIL: UnidentifiedImageError, truncated
     where = getattr(source, "where", lambda i: f"record {i} of {source!r}")(index)
-    raise ValueError(f"{where}: cannot decode the image ({error}).") from None
+    raise UnreadableImage(f"{where}: cannot decode the image ({error}).") from None
+
+
+def _skipped(error: UnreadableImage) -> None:
+  logging.getLogger(__name__).warning("skip_unreadable: skipped %s", error)
+
+
+def _first_readable(source: Source, index: int) -> tuple[Image.Image, int, int]:
+  """``(image, label, skipped)``: the first record from ``index`` on that decodes
+  (wrapping around), and how many were skipped to reach it."""
+  tries = min(MAX_SKIPPED, len(source))
+  for skipped in range(tries):
+    try:
+      return (*_decoded(source, (index + skipped) % len(source)), skipped)
+    except UnreadableImage as error:
+      _skipped(error)
+      last = error
+  raise UnreadableImage(f"{tries} consecutive records do not decode; the last: {last}")
 
 
 def _to_image(image: bytes | np.ndarray) -> Image.Image:
@@ -492,15 +524,20 @@ def _to_image(image: bytes | np.ndarray) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample:
-  """``(position, index)`` -> RandomResizedCrop + flip of record ``index``."""
+  """``(position, index)`` -> RandomResizedCrop + flip of record ``index`` (or,
+  ``skip_unreadable``, of the first record after it that decodes: ``skipped``)."""
 
   source: Source
   image_size: int
   seed: int
+  skip_unreadable: bool = False
 
   def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
     position, index = item
-    image, label = _decoded(self.source, index)
+    if self.skip_unreadable:
+      image, label, skipped = _first_readable(self.source, index)
+    else:
+      (image, label), skipped = _decoded(self.source, index), None
     rng = np.random.default_rng((self.seed, position))
     top, left, h, w = random_resized_crop_box(image.height, image.width, rng)
     size = (self.image_size, self.image_size)
@@ -508,28 +545,38 @@ class _TrainExample:
     pixels = np.asarray(image)
     if rng.random() < 0.5:
       pixels = pixels[:, ::-1]
-    return {"image": pixels, "label": np.int32(label)}
+    example = {"image": pixels, "label": np.int32(label)}
+    return example if skipped is None else {**example, "skipped": np.int32(skipped)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _EvalExample:
-  """``(position, index)`` -> resize + centre crop of record ``index`` (-1: padding)."""
+  """``(position, index)`` -> resize + centre crop of record ``index`` (-1: padding;
+  ``skip_unreadable``: an undecodable record is padding too, ``skipped``)."""
 
   source: Source
   image_size: int
+  skip_unreadable: bool = False
 
   def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
     _, index = item
     size = self.image_size
+    skipped = {"skipped": np.int32(0)} if self.skip_unreadable else {}
+    blank = {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0)}
     if index < 0:
-      blank = np.zeros((size, size, 3), np.uint8)
-      return {"image": blank, "label": np.int32(0), "valid": np.False_}
-    image, label = _decoded(self.source, index)
+      return {**blank, "valid": np.False_, **skipped}
+    try:
+      image, label = _decoded(self.source, index)
+    except UnreadableImage as error:
+      if not self.skip_unreadable:
+        raise
+      _skipped(error)
+      return {**blank, "valid": np.False_, "skipped": np.int32(1)}
     h, w = resized_shape(image.height, image.width, round(size * EVAL_RESIZE))
     top, left = round((h - size) / 2), round((w - size) / 2)
     image = image.resize((w, h), Image.BILINEAR)
     pixels = np.asarray(image.crop((left, top, left + size, top + size)))
-    return {"image": pixels, "label": np.int32(label), "valid": np.True_}
+    return {"image": pixels, "label": np.int32(label), "valid": np.True_, **skipped}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,7 +652,9 @@ class Batches:
   """An iterator of one process's batches that knows its position.
 
   ``len()`` is the number of batches of the whole stream, ``position`` the number
-  consumed. :meth:`get_state` is JSON-ready and the same on every process;
+  consumed, ``skipped`` the undecodable records this process skipped since it was
+  made (``skip_unreadable``; not part of the state). :meth:`get_state` is
+  JSON-ready and the same on every process;
   :meth:`set_state` continues from it with any number of workers or processes.
   Workers start at the first ``next()`` (about 1 s each) and keep 2 batches
   ready each; with 2 or more, batch arrays live in shared memory (grain's
@@ -622,7 +671,7 @@ class Batches:
     description: str,
   ):
     self.steps_per_epoch = steps_per_epoch
-    self.position = 0
+    self.position = self.skipped = 0
     self._batches, self._workers, self._threads = batches, workers, threads
     self._description = description
     self._iterator: grain.DatasetIterator | None = None
@@ -655,6 +704,8 @@ class Batches:
       self._iterator = self._start()
     batch = next(self._iterator)
     self.position += 1
+    if "skipped" in batch:
+      self.skipped += int(np.sum(batch.pop("skipped")))
     return batch
 
   def _start(self) -> grain.DatasetIterator:
@@ -695,6 +746,7 @@ def train_loader(
   threads: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  skip_unreadable: bool = False,
 ) -> Batches:
   """``num_epochs`` epochs of ``N // B`` training batches of this process.
 
@@ -703,7 +755,8 @@ def train_loader(
   :data:`RATIO`) and a horizontal flip with probability 1/2 (an
   :class:`ArraySource`'s images as stored). ``workers``: grain processes (0:
   this one), each with ``threads`` reading threads; process index and count
-  default to JAX's.
+  default to JAX's. ``skip_unreadable``: an undecodable record is replaced by the
+  next one that decodes (the module's docstring).
   """
   process_index, process_count = _process(process_index, process_count)
   _check_batching(global_batch_size, process_index, process_count, seed)
@@ -722,7 +775,7 @@ def train_loader(
     f"train_loader({source!r}, global_batch_size={global_batch_size}, seed={seed},"
     f" num_epochs={num_epochs}, image_size={image_size}, shuffle={shuffle})"
   )
-  example = _TrainExample(source, image_size, seed)
+  example = _TrainExample(source, image_size, seed, skip_unreadable)
   return _loader(source, stream, example, steps, workers, threads, description)
 
 
@@ -735,13 +788,15 @@ def eval_loader(
   threads: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  skip_unreadable: bool = False,
 ) -> Batches:
   """The records in order, ``ceil(N / B)`` batches on every process, padded.
 
   Batches: ``{"image": uint8 (B/P, S, S, 3), "label": int32, "valid": bool}``:
   shorter side resized to ``S`` x :data:`EVAL_RESIZE` (256 for 224), centre crop
   ``S`` (an :class:`ArraySource`'s images as stored); padding rows (after the
-  last record) are zeros with ``valid`` False.
+  last record) are zeros with ``valid`` False, and so are the undecodable
+  records with ``skip_unreadable``.
   """
   process_index, process_count = _process(process_index, process_count)
   _check_batching(global_batch_size, process_index, process_count, seed=0)
@@ -753,7 +808,7 @@ def eval_loader(
     f"eval_loader({source!r}, global_batch_size={global_batch_size},"
     f" image_size={image_size})"
   )
-  example = _EvalExample(source, image_size)
+  example = _EvalExample(source, image_size, skip_unreadable)
   return _loader(source, stream, example, steps, workers, threads, description)
 
 

@@ -227,9 +227,7 @@ class CapacitySteps:
 
   def select(self, local_batch: Any) -> Callable:
     """The step for this process's rows of a global batch (all processes call it)."""
-    count = int(np.sum(self._tail_rows(local_batch)))
-    if jax.process_count() > 1:
-      count = int(np.sum(multihost_utils.process_allgather(np.int32(count))))
+    count = process_sum(int(np.sum(self._tail_rows(local_batch))))
     k = imbsam_jax.bucket_capacity(count, self._capacity, self._batch_size)
     if k not in self._steps:
       self._steps[k] = self._build(k)
@@ -338,6 +336,17 @@ def train_epoch(
   """:func:`train_steps` over an epoch; returns the state and each metric's mean."""
   state, sums, count = train_steps(step, state, batches, mesh, key)
   return state, {k: float(v) / count for k, v in sums.items()}
+
+
+def process_sum(value: int) -> int:
+  """``value`` summed over the JAX processes (all must call it).
+
+  >>> process_sum(3)
+  3
+  """
+  if jax.process_count() == 1:
+    return value
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
 def sum_over_batches(
