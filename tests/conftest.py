@@ -7,6 +7,8 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
 import gc
 import os
+import resource
+import signal
 
 import pytest
 
@@ -25,3 +27,19 @@ def mock_data():
   gc.collect()
   tfds = pytest.importorskip("tensorflow_datasets")
   return tfds.testing.mock_data
+
+
+@pytest.fixture
+def limit_file_size():
+  """``limit(n)``: from then on, writing a file past ``n`` bytes fails with EFBIG
+  ("File too large"), as writes fail on a full disk; ``limit(None)`` and the
+  test's end lift it."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.getsignal(signal.SIGXFSZ)
+
+  def limit(size: int | None) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN if size else handler)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size or soft, hard))
+
+  yield limit
+  limit(None)

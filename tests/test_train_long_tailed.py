@@ -417,6 +417,15 @@ def run_killed(monkeypatch, args, *, at_step: int) -> None:
       long_tailed.main(args)
 
 
+def assert_same_as_uninterrupted(resumed, reference):
+  """The resumed ImbSAM run equals the reference's (accuracies, per-class,
+  history: bit for bit), but for where it resumed from."""
+  want, got = comparable(reference)[2], comparable(resumed)[0]
+  for key in ("resumed_from_epoch", "resumed_from_step", "epochs_trained_now"):
+    want.pop(key), got.pop(key)
+  assert got == want
+
+
 def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeypatch):
   _, full = reference
   args = npz_args(npz_file, tmp_path, *REFERENCE, "--optimizer", "imbsam")
@@ -428,10 +437,7 @@ def test_resume_matches_uninterrupted_run(reference, npz_file, tmp_path, monkeyp
   resumed = long_tailed.main([*args, "--resume"])
   run = resumed["runs"][0]
   assert run["resumed_from_epoch"] == 1 and run["epochs_trained_now"] == 1
-  want, got = comparable(full)[2], comparable(resumed)[0]
-  for key in ("resumed_from_epoch", "resumed_from_step", "epochs_trained_now"):
-    want.pop(key), got.pop(key)
-  assert got == want  # accuracies, per-class, history: bit for bit
+  assert_same_as_uninterrupted(resumed, full)
   # A finished run resumes to an evaluation only, with the same numbers.
   again = long_tailed.main([*args, "--resume"])["runs"][0]
   assert again["epochs_trained_now"] == 0 and again["compiles"]["train_step"] == 0
@@ -940,3 +946,63 @@ def test_missing_list_file_fails_before_training(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"1 of the \d+ files .* line 4: "):
     long_tailed.main([*args, "--no-progress", "--out", str(tmp_path / "out")])
   assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_skip_unreadable_counts_survive_a_resume(tmp_path, monkeypatch):
+  """Without --skip-unreadable a broken image stops the run naming it; with it,
+  the run goes on and results.json counts the skips (a killed and resumed run
+  too: the count before the kill is in the checkpoint)."""
+  root = write_lt_dataset(tmp_path / "data")
+  train_list = (root / "ImageNet_LT_train.txt").read_text().splitlines()
+  test_list = (root / "ImageNet_LT_test.txt").read_text().splitlines()
+  for line in (train_list[7], test_list[2]):
+    (root / line.split()[0]).write_bytes(b"truncated")
+  spec = f"list:{root},ImageNet_LT_train.txt,ImageNet_LT_test.txt"
+  args = streamed_args(spec, tmp_path / "out")
+  with pytest.raises(ValueError, match=r"train\.txt line 8: .* cannot decode"):
+    long_tailed.main(args)
+  # Record 7 is read in the epochs whose first 40 (of 45) shuffled records hold it.
+  epochs = sum(
+    7 in np.random.default_rng((0, e)).permutation(len(train_list))[:40]
+    for e in range(2)
+  )
+  (full,) = long_tailed.main([*args, "--skip-unreadable"])["runs"]
+  assert full["skipped_unreadable"] == {"train": epochs, "test": 1}
+  assert sum(full["test_counts"]) == len(test_list) - 1
+  run_killed(monkeypatch, [*args, "--skip-unreadable"], at_step=6)  # mid-epoch 2
+  (resumed,) = long_tailed.main([*args, "--skip-unreadable", "--resume"])["runs"]
+  assert resumed["resumed_from_step"] == 6
+  assert resumed["skipped_unreadable"] == full["skipped_unreadable"]
+  assert resumed["per_class"] == full["per_class"]
+
+
+def test_failed_checkpoint_write_stops_the_run_and_resume_continues(
+  reference, npz_file, tmp_path, monkeypatch, limit_file_size, capsys
+):
+  """The write of the last checkpoint fails (as on a full disk): the run stops
+  with one error naming the intact checkpoint; --resume continues from it, drops
+  the unfinished write and ends equal to an uninterrupted run."""
+  from shared import checkpoints
+
+  _, full = reference
+  args = npz_args(npz_file, tmp_path, *REFERENCE, "--optimizer", "imbsam")
+  save = checkpoints.Checkpointer.save
+
+  def failing_save(self, step, *a, **kw):
+    if step == 10:  # the last step; step 5's checkpoint is written whole
+      self._manager.wait_until_finished()
+      limit_file_size(4096)
+    save(self, step, *a, **kw)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoints.Checkpointer, "save", failing_save)
+    error = checkpoints.CheckpointWriteError
+    with pytest.raises(error, match="checkpoint 10 could not be written"):
+      long_tailed.main(args)
+  limit_file_size(None)
+  capsys.readouterr()
+  resumed = long_tailed.main([*args, "--resume"])
+  assert "removed the unfinished write of 10.orbax" in capsys.readouterr().err
+  run = resumed["runs"][0]
+  assert run["resumed_from_step"] == 5
+  assert_same_as_uninterrupted(resumed, full)
