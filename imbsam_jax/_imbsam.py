@@ -350,6 +350,36 @@ def _frozen_to_zero(tree: Any, mask: Any) -> Any:
   return jax.tree.map(lambda m, x: x if m else jnp.zeros_like(x), mask, tree)
 
 
+def _perturbed(
+  params: Any,
+  direction: Any,
+  rho_t: Any,
+  eps: Any,
+  adaptive: bool,
+  mask: Any,
+) -> tuple[Any, jax.Array]:
+  """``(w + e, norm)``: ``e = rho d / (||d|| + eps)`` (ASAM: ``rho |w|^2 d /
+  (|| |w| d || + eps)``); ``e = 0`` exactly where ``||d|| = 0``; frozen leaves
+  (``mask``) stay where they are."""
+  if adaptive:
+    norm = _global_norm_f32(
+      jax.tree.map(lambda g, w: g * jnp.abs(w), direction, params)
+    )
+  else:
+    norm = _global_norm_f32(direction)
+  # A zero direction (an all-head batch for the tail) has norm 0: e = 0 exactly,
+  # even with eps = 0.
+  scale = jnp.where(norm > 0, rho_t / jnp.where(norm > 0, norm + eps, 1.0), 0.0)
+  if adaptive:
+    step = lambda g, w: (scale * g * jnp.square(w)).astype(w.dtype)
+  else:
+    step = lambda g, w: (scale * g).astype(w.dtype)
+  perturbed = jax.tree.map(lambda g, w: w + step(g, w), direction, params)
+  if mask is not None:
+    perturbed = jax.tree.map(lambda m, w, p: p if m else w, mask, params, perturbed)
+  return perturbed, norm
+
+
 def _debug_checks(
   rho_t: Any, weights: jax.Array, labels: Any, tail_mask_fn: TailMaskFn
 ) -> None:
@@ -430,6 +460,7 @@ def imbsam(
   *,
   eps: Scalar = 1e-12,
   tail_loss_scale: Scalar = 1.0,
+  head_rho: ScalarOrSchedule | None = None,
   adaptive: bool = False,
   axis_name: str | None = None,
   per_device_perturbation: bool = False,
@@ -485,6 +516,20 @@ def imbsam(
   parameters, use ``trainable`` (``optax.masked`` and ``optax.multi_transform``
   around ``imbsam`` hide the other parameters, at which ``loss_fn`` must run:
   an error); ``base_tx`` may still be an ``optax.multi_transform``.
+
+  ``head_rho`` adds a perturbation of the head loss with its own radius,
+  SSE-SAM's step (AAAI 2025):
+  :math:`g = \\nabla L_{head}(w + e_h) + s \\nabla L_{tail}(w + e)`, with
+  :math:`e_h = \\rho_h \\nabla L_{head}(w) / (\\|\\nabla L_{head}(w)\\|_2 +
+  \\epsilon)` and :math:`\\nabla L_{head}(w)` = ``grads`` minus the tail
+  gradient; one more full-batch pass (3), 11 with ``tail_grads``. ``head_rho=0``
+  gives ImbSAM's step (up to rounding, at that pass's cost); SSE-SAM sets it to
+  0 after a share of training: switch then to a transform without ``head_rho``
+  (its state has the same structure), rather than a schedule that keeps
+  paying for the pass. Soft tail weights make :math:`L_{head}` and
+  :math:`L_{tail}` share examples (weights ``1 - t_i`` and ``t_i``); with
+  :func:`focal_tail_mask_from_counts` (:math:`t_i = \\lambda (1 - \\pi_{y_i})
+  ^\\gamma`) and no ``head_rho``, the step is Focal-SAM's (ICML 2025).
 
   ``tail_loss_scale`` is ``s`` above. The paper's objective has ``s = 1``
   (default); the authors' PyTorch code multiplies the tail loss at ``w + e`` by
@@ -545,6 +590,9 @@ def imbsam(
       (outside ``jit``) are checked then; traced ones with ``debug_checks``.
     eps: added to the norm (>= 0).
     tail_loss_scale: ``s`` (>= 0), the weight of the perturbed tail loss.
+    head_rho: SSE-SAM's head radius (>= 0; a number, scalar array or
+      schedule, checked as ``rho``); ``None`` (default): the head loss is not
+      perturbed and costs no pass.
     adaptive: use the scale-invariant ASAM perturbation.
     axis_name: batch axis to average over inside ``shard_map``/``pmap``.
     per_device_perturbation: with ``axis_name``, perturb each device along its
@@ -642,6 +690,10 @@ def imbsam(
     )
   _check_scalar("eps", eps)
   _check_scalar("tail_loss_scale", tail_loss_scale)
+  if callable(head_rho):
+    _check_schedule("head_rho", head_rho)
+  elif head_rho is not None:
+    _check_scalar("head_rho", head_rho)
   auto_fraction = None
   if isinstance(tail_capacity, str) and tail_capacity == "auto":
     auto_fraction = _auto_tail_fraction(tail_mask_fn)
@@ -722,6 +774,13 @@ def imbsam(
     rho_t = rho(state.count) if callable(rho) else rho
     if debug_checks:
       _debug_checks(rho_t, weights, labels, tail_mask_fn)
+      if head_rho is not None:
+        head_rho_t = head_rho(state.count) if callable(head_rho) else head_rho
+        checkify.check(
+          jnp.isfinite(head_rho_t) & (head_rho_t >= 0),
+          "imbsam: head_rho must be finite and >= 0, got {rho}.",
+          rho=jnp.asarray(head_rho_t, jnp.float32),
+        )
       _check_mean_grads(loss_fn, params, batch, updates, axis_name)
 
     # Memory: the tail passes need not wait for the caller's clean gradient, and
@@ -768,37 +827,36 @@ def imbsam(
     # m-sharpness: each device perturbs along its own tail gradient.
     direction = local_tail_grads if per_device_perturbation else tail_grads
 
-    if adaptive:
-      scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), direction, params)
-      norm = _global_norm_f32(scaled)
-    else:
-      norm = _global_norm_f32(direction)
-    # An all-head batch has norm 0: e = 0 exactly, even with eps = 0.
-    scale = jnp.where(norm > 0, rho_t / jnp.where(norm > 0, norm + eps, 1.0), 0.0)
-    if adaptive:
-      perturbation = jax.tree.map(
-        lambda g, w: (scale * g * jnp.square(w)).astype(w.dtype),
-        direction,
-        params,
-      )
-    else:
-      perturbation = jax.tree.map(
-        lambda g, w: (scale * g).astype(w.dtype), direction, params
-      )
-    perturbed = jax.tree.map(jnp.add, params, perturbation)
-    if mask is not None:  # frozen parameters stay where they are
-      perturbed = jax.tree.map(lambda m, w, p: p if m else w, mask, params, perturbed)
+    perturbed, norm = _perturbed(params, direction, rho_t, eps, adaptive, mask)
     adv_grads = _frozen_to_zero(_pmean(tail_grad_at(perturbed), axis_name), mask)
 
-    # grads + (s * g_adv - g_tail): head gradient plus perturbed tail gradient,
-    # written so that an all-head batch adds exactly zero to grads.
     grads = _pmean(updates, axis_name)
-    imbsam_grads = jax.tree.map(
-      lambda g, ga, gt: (g + (tail_loss_scale * ga - gt)).astype(g.dtype),
-      grads,
-      adv_grads,
-      tail_grads,
-    )
+    if head_rho is None:
+      # grads + (s * g_adv - g_tail): head gradient plus perturbed tail gradient,
+      # written so that an all-head batch adds exactly zero to grads.
+      imbsam_grads = jax.tree.map(
+        lambda g, ga, gt: (g + (tail_loss_scale * ga - gt)).astype(g.dtype),
+        grads,
+        adv_grads,
+        tail_grads,
+      )
+    else:  # SSE-SAM: the head loss at its own perturbed point, one full-batch pass
+      head_rho_t = head_rho(state.count) if callable(head_rho) else head_rho
+      head_grads = jax.tree.map(jnp.subtract, grads, tail_grads)
+      if per_device_perturbation:
+        head_grads = jax.tree.map(jnp.subtract, updates, local_tail_grads)
+      head_perturbed, _ = _perturbed(
+        params, _frozen_to_zero(head_grads, mask), head_rho_t, eps, adaptive, mask
+      )
+      head_adv = _frozen_to_zero(
+        _pmean(grad_fn(head_perturbed, batch, 1.0 - weights), axis_name), mask
+      )
+      imbsam_grads = jax.tree.map(
+        lambda g, gh, ga: (gh + tail_loss_scale * ga).astype(g.dtype),
+        grads,
+        head_adv,
+        adv_grads,
+      )
     new_updates, base_state = base.update(
       imbsam_grads, state.base_state, params, **extra_args
     )

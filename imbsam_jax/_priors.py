@@ -213,6 +213,70 @@ def soft_tail_mask_from_counts(
   return _lookup(soft_tail_weights(counts, eta, temperature=temperature), counts)
 
 
+def focal_tail_weights(
+  class_counts: Any, gamma: float, *, lam: float = 1.0
+) -> np.ndarray:
+  """Focal-SAM's per-class weights of the perturbed loss, from the class prior.
+
+  .. math::
+    t_c = \\lambda (1 - \\pi_c)^\\gamma, \\quad \\pi_c = n_c / \\textstyle\\sum_j n_j
+
+  Rare classes get weights near ``lam``, frequent ones less (the more, the larger
+  ``gamma``); ``gamma = 0`` gives every class ``lam``, and with ``lam = 1`` the
+  tail is the whole batch: SAM.
+
+  Args:
+    class_counts: 1-D array of training-sample counts per class (not all zero).
+    gamma: the focusing exponent (>= 0; Focal-SAM's CIFAR-100-LT recipe: 3.2).
+    lam: the share of each example's loss that is perturbed, in [0, 1]
+      (Focal-SAM's ``lambda``; its CIFAR-100-LT recipe: 0.8).
+
+  Returns:
+    A float32 NumPy array of shape ``(num_classes,)``.
+
+  Example:
+    >>> import imbsam_jax
+    >>> w = imbsam_jax.focal_tail_weights([90, 9, 1], gamma=2.0, lam=0.8)
+    >>> [round(float(v), 4) for v in w]  # 0.8 * (1 - [.9, .09, .01]) ** 2
+    [0.008, 0.6625, 0.7841]
+  """
+  counts = _as_counts(class_counts).astype(np.float64)
+  if not (math.isfinite(gamma) and gamma >= 0):
+    raise ValueError(f"gamma must be finite and >= 0, got {gamma}.")
+  if not 0 <= lam <= 1:
+    raise ValueError(f"lam must be in [0, 1], got {lam}.")
+  total = counts.sum()
+  if total <= 0:
+    raise ValueError("class_counts must not all be zero (the prior is n_c / sum n).")
+  return (lam * (1.0 - counts / total) ** gamma).astype(np.float32)
+
+
+def focal_tail_mask_from_counts(
+  class_counts: Any, gamma: float, *, lam: float = 1.0
+) -> TailMaskFn:
+  """A ``tail_mask_fn`` giving each example Focal-SAM's weight of its class.
+
+  .. math::
+    t_i = \\lambda (1 - \\pi_{y_i})^\\gamma
+
+  With it, :func:`imbsam` is Focal-SAM: its step, ``grad(L - lam L_g)(w) +
+  lam grad L_g(w + e)`` with ``L_g = mean_i (1 - pi_i)^gamma l_i`` and ``e``
+  along ``grad L_g``, is ImbSAM's with these soft weights (``lam`` cancels in
+  the perturbation's direction). See :func:`focal_tail_weights`; every class
+  takes part in the tail passes, so ``tail_fraction`` is 1 (with ``lam > 0``)
+  and ``tail_capacity="auto"`` keeps the full-batch passes.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, imbsam_jax
+    >>> mask_fn = imbsam_jax.focal_tail_mask_from_counts([90, 9, 1], gamma=2.0, lam=0.8)
+    >>> [round(float(v), 4) for v in mask_fn(jnp.array([2, 0]))]
+    [0.7841, 0.008]
+    >>> tx = imbsam_jax.imbsam(optax.sgd(0.1), rho=0.3, tail_mask_fn=mask_fn)
+  """
+  counts = _as_counts(class_counts)
+  return _lookup(focal_tail_weights(counts, gamma, lam=lam), counts)
+
+
 def labeled_anomaly_mask(labels: Any) -> jax.Array:
   """Tail mask for semi-supervised anomaly detection (Deep SAD labels).
 
