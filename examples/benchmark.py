@@ -15,6 +15,10 @@ on the same model and batch; only the optimizer differs:
   tail examples takes further chunks in a ``while`` loop;
 - ``imbsam-static``: the same with ``overflow="nan"`` (no control flow in the step)
   and k the tail count of a stratified batch (``ceil(p B)``, a multiple of 8).
+- ``focal-sam``: ImbSAM with Focal-SAM's weights ``(1 - pi_y)^gamma`` on every
+  example, exact path (8 passes);
+- ``sse-sam``: SSE-SAM's first stage, the head perturbed too (``head_rho``), exact
+  path (11 passes; after its head share it is ``imbsam-exact``).
 
 Every row records ``control_flow_ops``, the ``while`` and ``conditional`` ops of
 the compiled step.
@@ -54,9 +58,25 @@ from shared import models, options, report, training
 from shared.options import FRACTION, POSITIVE, option
 
 MODELS = ("cifar", "resnet50", "resnext50_32x4d")
-VARIANTS = ("sgd", "sam", "imbsam", "imbsam-exact", "imbsam-fast", "imbsam-static")
+VARIANTS = (
+  "sgd",
+  "sam",
+  "imbsam",
+  "imbsam-exact",
+  "imbsam-fast",
+  "imbsam-static",
+  "focal-sam",
+  "sse-sam",
+)
 FAST = ("imbsam-fast", "imbsam-static")
-PASSES = {"sgd": 3, "sam": 6, "imbsam": 9, "imbsam-exact": 8}
+PASSES = {
+  "sgd": 3,
+  "sam": 6,
+  "imbsam": 9,
+  "imbsam-exact": 8,
+  "focal-sam": 8,
+  "sse-sam": 11,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,17 +189,20 @@ def make_model(args: Config, norm: str) -> nnx.Module:
 def build_step(variant: str, args: Config, norm: str, capacity: int):
   """The jitted step and its initial state for one variant."""
   num_classes = shape(args)[1]
-  mask_fn = imbsam_jax.tail_mask_from_counts(
-    [1000] * (num_classes - 1) + [10], eta=20
-  )  # the last class is the tail
+  counts = [1000] * (num_classes - 1) + [10]  # the last class is the tail
+  mask_fn = imbsam_jax.tail_mask_from_counts(counts, eta=20)
   base = optax.sgd(0.01, momentum=0.9)
   method = {"sgd": "base", "sam": "sam"}.get(variant, "imbsam")
   kwargs = {"tail_capacity": capacity} if variant in FAST else {}
   if variant == "imbsam-static":
     kwargs["overflow"] = "nan"
+  if variant == "focal-sam":
+    mask_fn = imbsam_jax.focal_tail_mask_from_counts(counts, 3.2, lam=0.8)
+  if variant == "sse-sam":
+    kwargs["head_rho"] = 0.05
   tx = training.make_optimizer(method, base, rho=0.05, tail_mask_fn=mask_fn, **kwargs)
   model = make_model(args, norm)
-  path = {"imbsam-exact": "exact", "imbsam": "gathered"}.get(variant)
+  path = {"imbsam": "gathered"}.get(variant)
   if variant in FAST:  # BatchNorm: anchored tail statistics
     path = training.tail_path(model, capacity, "anchored")
   graphdef, state = training.init_train_state(model, tx)

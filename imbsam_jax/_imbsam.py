@@ -848,8 +848,11 @@ def imbsam(
       head_perturbed, _ = _perturbed(
         params, _frozen_to_zero(head_grads, mask), head_rho_t, eps, adaptive, mask
       )
+      # After the tail pass at w + e (a data dependency): else XLA overlaps the
+      # two independent passes and holds both passes' activations at once.
+      head_batch = _after(batch, adv_grads)
       head_adv = _frozen_to_zero(
-        _pmean(grad_fn(head_perturbed, batch, 1.0 - weights), axis_name), mask
+        _pmean(grad_fn(head_perturbed, head_batch, 1.0 - weights), axis_name), mask
       )
       imbsam_grads = jax.tree.map(
         lambda g, gh, ga: (gh + tail_loss_scale * ga).astype(g.dtype),

@@ -13,7 +13,7 @@ def test_benchmark_writes_ratios(tmp_path, capsys):
       "--width=4",
       "--norms=none",
       "--tail-fractions=0.2",
-      "--variants=sgd,imbsam-fast,imbsam-static",
+      "--variants=sgd,imbsam-fast,imbsam-static,sse-sam",
       "--rounds=1",
       "--steps-per-round=1",
       f"--json={out}",
@@ -30,12 +30,14 @@ def test_benchmark_writes_ratios(tmp_path, capsys):
   assert rows["sgd"]["control_flow_ops"] == 0 and fast["control_flow_ops"] >= 1
   assert rows["imbsam-static"]["control_flow_ops"] == 0
   assert rows["imbsam-static"]["tail_capacity"] == 8
+  assert rows["sse-sam"]["passes"] == 11 and rows["sse-sam"]["ratio_to_sgd"] > 1
   printed = capsys.readouterr().out
   assert "imbsam-static" in printed and "loops" in printed
 
 
 def test_imbsam_peak_memory_within_sams(tmp_path):
-  """Compiled memory: the default and the fast ImbSAM step need no more than SAM.
+  """Compiled memory: the default and the fast ImbSAM step need no more than SAM,
+  SSE-SAM's no more than ImbSAM's.
 
   Guards the ordering of the tail passes after the clean one (without it XLA
   keeps both passes' activations live: +30% here at 20% tail).
@@ -49,6 +51,7 @@ def test_imbsam_peak_memory_within_sams(tmp_path):
     ("group", "sam", 0),
     ("group", "imbsam", 0),
     ("group", "imbsam-fast", 24),
+    ("group", "sse-sam", 0),
     ("batch", "sam", 0),
     ("batch", "imbsam-fast", 24),  # anchored BatchNorm statistics
   ]:
@@ -59,6 +62,8 @@ def test_imbsam_peak_memory_within_sams(tmp_path):
     return
   assert memory["group", "imbsam"] <= memory["group", "sam"] * 1.01, memory
   assert memory["group", "imbsam-fast"] <= memory["group", "sam"], memory
+  # SSE-SAM's head pass after the tail pass (overlapped: +80% on the ResNet-8).
+  assert memory["group", "sse-sam"] <= memory["group", "imbsam"] * 1.05, memory
   assert memory["batch", "imbsam-fast"] <= memory["batch", "sam"], memory
 
 
