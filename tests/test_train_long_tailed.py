@@ -4,10 +4,12 @@ Every dataset path (digits, mock TFDS, folder:, npz:, a streamed list of JPEGs)
 runs end to end on tiny data for one or two epochs with the small CNN; the runs
 also check the results.json schema, determinism, resume from an epoch's end and
 from a step mid-epoch (exact), the compile count, a rho x eta sweep and its
-figure; every preset builds its config and runs one step on tiny inputs (the
-ResNet-50 / ResNeXt-50 ones under ``-m slow``; their values and model dtypes in
-the default run); bfloat16 activations keep float32 state; bad options fail
-before anything is loaded, with one line naming the flag.
+figure; every preset builds its config and runs one step of its own method on
+tiny inputs (the ResNet-50 / ResNeXt-50 and SSE-SAM's ResNet-34 ones under ``-m
+slow``; their values and model dtypes in the default run); ImbSAM's successors
+run their stages (SSE-SAM's head perturbation, DRW) with a step each; bfloat16
+activations keep float32 state; bad options fail before anything is loaded, with
+one line naming the flag.
 """
 
 from __future__ import annotations
@@ -743,6 +745,8 @@ def tiny_dataset(num_classes: int, size: int = 32) -> data.Dataset:
 # ResNet-50 / ResNeXt-50 presets' (about 40 s each; their values are checked below).
 IR_VARIANTS = [n for n in PRESETS if n.endswith(("-ir50", "-ir10"))]
 LARGE_SCALE = ["imagenet-lt", "inat2018", "places-lt"]
+#: ResNet-50s, the ratio variants and ResNet-34 (half a minute a step) run slow.
+SLOW_PRESETS = [*IR_VARIANTS, *LARGE_SCALE, "cifar100-lt-sse-sam"]
 #: What each large-scale preset's description must name: its data's source.
 SOURCES = {
   "imagenet-lt": "Liu et al. 2019",
@@ -764,8 +768,7 @@ def test_imbalance_variants_differ_only_in_the_ratio():
 @pytest.mark.parametrize(
   "name",
   [
-    pytest.param(n, marks=pytest.mark.slow) if n in IR_VARIANTS + LARGE_SCALE else n
-    for n in PRESETS
+    pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PRESETS else n for n in PRESETS
   ],
 )
 def test_preset_builds_and_runs_one_step(name, tmp_path):
@@ -783,15 +786,18 @@ def test_preset_builds_and_runs_one_step(name, tmp_path):
   shape = 8 if name == "digits-lt" else 32
   exp = long_tailed.prepare(config, tiny_dataset(num_classes, shape))
   assert exp.augment == ("crop-flip" if shape == 32 else "none")
-  cell = runner.Cell("imbsam", 0, {"rho": config.rho[0], "eta": 3.0})
+  method = config.method[-1]  # imbsam, or the preset's own method
+  setting = {"rho": config.rho[0], "eta": 3.0}
+  cell = runner.Cell(method, 0, {k: setting[k] for k in long_tailed.USES[method]})
   steps = long_tailed.build_run(exp, cell)
   batch = {"image": exp.dataset.x_train[:4], "label": exp.dataset.y_train[-4:]}
   step = steps.train_step
-  if isinstance(step, training.CapacitySteps):  # the fast path: a step per capacity
-    step = step.select(batch)
+  if isinstance(step, (training.CapacitySteps, training.StagedSteps)):
+    step = step.select(batch, 0)
   state, step_metrics = step(steps.state, batch, jax.random.key(0))
   assert int(state.step) == 1 and np.isfinite(float(step_metrics["loss"]))
-  assert float(step_metrics["tail_fraction"]) == 1.0  # every class has 2 < 3 images
+  if method in ("imbsam", "sse-sam"):  # every class has 2 < 3 images
+    assert float(step_metrics["tail_fraction"]) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -1006,3 +1012,57 @@ def test_failed_checkpoint_write_stops_the_run_and_resume_continues(
   run = resumed["runs"][0]
   assert run["resumed_from_step"] == 5
   assert_same_as_uninterrupted(resumed, full)
+
+
+# ------------------------------------------------------------ the SAM family
+
+
+def test_sse_sam_stages_and_focal_sam_run(npz_file, tmp_path):
+  """SSE-SAM perturbs the head for the first --head-share of the epochs, then
+  takes ImbSAM's step: a step per stage, each compiled once; --head-share 0 is
+  ImbSAM's exact path, bit for bit."""
+  common = ["--epochs", "2", "--eta", "8", "--tail-capacity", "none"]
+  methods = ["--optimizer", "imbsam,sse-sam,focal-sam", "--head-share", "0.5"]
+  staged = long_tailed.main(npz_args(npz_file, tmp_path / "a", *common, *methods))
+  runs = {r["method"]: r for r in staged["runs"]}
+  assert runs["sse-sam"]["compiles"]["train_step"] == 2
+  assert runs["imbsam"]["compiles"]["train_step"] == 1
+  sse, imbsam = runs["sse-sam"]["history"], runs["imbsam"]["history"]
+  assert sse["train_loss"][0] != imbsam["train_loss"][0]  # the head perturbed
+  assert runs["focal-sam"]["tail_path"] == runs["sse-sam"]["tail_path"] == "exact"
+  assert 0 < runs["focal-sam"]["history"]["train_tail_fraction"][0] < 0.8
+  no_head = ["--optimizer", "sse-sam", "--head-share", "0"]
+  without = long_tailed.main(npz_args(npz_file, tmp_path / "b", *common, *no_head))
+  assert without["runs"][0]["history"] == imbsam
+  assert without["runs"][0]["per_class"] == runs["imbsam"]["per_class"]
+
+
+def test_drw_is_a_weighted_mean_over_the_batch_and_ldam_a_cosine_head(
+  npz_file, tmp_path
+):
+  """From --drw-epoch the step's loss is PyTorch's weighted mean, sum w_y l /
+  sum w_y (w: DRW's class weights), before it the plain mean; LDAM's margins
+  on the cosines of a normalised classifier."""
+  args = npz_args(npz_file, tmp_path, "--epochs", "2", "--drw-epoch", "1")
+  args += ["--loss", "ldam", "--optimizer", "sgd"]
+  config = options.parse(Config, args, presets=PRESETS)
+  exp = long_tailed.prepare(config)
+  run = long_tailed.build_run(exp, runner.Cell("base", 0, {}))
+  assert isinstance(run.train_step, training.StagedSteps)
+  model = nnx.merge(run.eval_graphdef, run.state.params, run.state.model_state)
+  assert isinstance(model.head, models.CosineLinear)
+  batch = {"image": exp.dataset.x_train[::5], "label": exp.dataset.y_train[::5]}
+  images = (data.to_float(batch["image"]) - exp.mean) / exp.std
+  counts = exp.train_counts
+  losses = long_tailed.ldam_cross_entropy(
+    model(jnp.asarray(images)), batch["label"], long_tailed.ldam_margins(counts)
+  )
+  weights = long_tailed.drw_class_weights(counts)[batch["label"]]
+  for position, want in [
+    (0, jnp.mean(losses)),
+    (exp.steps_per_epoch, jnp.sum(weights * losses) / jnp.sum(weights)),
+  ]:
+    step = run.train_step.select(batch, position)
+    _, step_metrics = step(run.state, batch, jax.random.key(0))
+    np.testing.assert_allclose(step_metrics["loss"], want, rtol=1e-5)
+  assert len(set(batch["label"].tolist())) > 1 and weights.std() > 0

@@ -48,10 +48,16 @@ import jax
 from flax import nnx
 
 from shared import data, models, pipeline, runner, training
-from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, Preset, option
+from shared.options import FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Preset, option
 
-LOSSES = ("ce", "logit-adjust", "balanced-softmax")
-SCHEDULES = ("cosine", "step")
+LOSSES = ("ce", "logit-adjust", "balanced-softmax", "ldam")
+#: The methods compared: base, sam, imbsam and ImbSAM's successors, each an
+#: :func:`imbsam_jax.imbsam` (Focal-SAM: focal tail weights; SSE-SAM: a head
+#: perturbation for the first ``--head-share`` of the epochs).
+METHODS = (*runner.METHODS, "focal-sam", "sse-sam")
+#: The methods that split the classes at ``eta``.
+ETA_METHODS = ("imbsam", "sse-sam")
+SCHEDULES = ("cosine", "step", "drw-step")
 AUGMENTATIONS = ("auto", "crop-flip", "none")
 CLASSIFIERS = tuple(n for n in models.MODEL_NAMES if n != "deep_sad")
 
@@ -118,7 +124,7 @@ class Config:
     runner.METHODS,
     "methods to compare; base = the SGD optimizer without perturbation",
     flags=("--optimizer",),
-    choices=runner.METHODS,
+    choices=METHODS,
     parse=lambda m: runner.method_name(m, aliases=("sgd",)),
     fingerprint=False,
   )
@@ -150,7 +156,8 @@ class Config:
   weight_decay: float = option(5e-4, "coupled weight decay", check=NON_NEGATIVE)
   schedule: str = option(
     "cosine",
-    "learning rate: cosine to 0, or step (x0.1 at 80% and 90%)",
+    "learning rate: cosine to 0, step (x0.1 at 80% and 90%) or drw-step (x0.01 at"
+    " 80%, x1e-4 at 90%: LDAM-DRW's epochs 160 and 180 of 200)",
     choices=SCHEDULES,
   )
   warmup_epochs: int = option(0, "linear warm-up epochs", check=NON_NEGATIVE)
@@ -173,6 +180,25 @@ class Config:
     "weight of ImbSAM's perturbed tail loss (authors' code: 2)",
     check=NON_NEGATIVE,
   )
+  focal_gamma: float = option(
+    3.2,
+    "Focal-SAM: gamma of its weights lam (1 - pi_y)^gamma of the perturbed loss"
+    " (pi: the class prior)",
+    check=NON_NEGATIVE,
+  )
+  focal_lam: float = option(
+    0.8, "Focal-SAM: lam, the perturbed share of each loss", check=UNIT
+  )
+  head_rho: float = option(
+    0.05,
+    "SSE-SAM: the head classes' perturbation radius (--rho is the tail's)",
+    check=NON_NEGATIVE,
+  )
+  head_share: float = option(
+    0.7,
+    "SSE-SAM: share of the epochs with the head perturbation (then ImbSAM)",
+    check=UNIT,
+  )
   tail_capacity: int | str | None = option(
     "auto",
     "ImbSAM's fast path: tail examples per pass, an int or auto (from the class"
@@ -190,10 +216,23 @@ class Config:
   )
   loss: str = option(
     "ce",
-    "training loss; balanced-softmax = logit-adjust with tau 1",
+    "training loss; balanced-softmax = logit-adjust with tau 1; ldam: LDAM's margins"
+    " n_c^(-1/4) on a cosine classifier",
     choices=LOSSES,
   )
   tau: float = option(1.0, "logit-adjust strength", check=NON_NEGATIVE)
+  ldam_max_margin: float = option(
+    0.5, "LDAM: the largest class margin (the rarest class's)", check=POSITIVE
+  )
+  ldam_scale: float = option(30.0, "LDAM: the cosines' scale s", check=POSITIVE)
+  drw_epoch: int | None = option(
+    None,
+    "deferred re-weighting (DRW) from this epoch: the loss weighted by class,"
+    " (1 - beta) / (1 - beta^n_y) normalised to mean 1 over the classes, a weighted"
+    " mean over each batch (as PyTorch's); none: no re-weighting",
+    check=NON_NEGATIVE,
+  )
+  drw_beta: float = option(0.9999, "DRW: beta of the effective number", check=FRACTION)
   augment: str = option(
     "auto",
     "augmentation; auto: crop-flip for 32x32 images, RandomResizedCrop and flip"
@@ -288,6 +327,10 @@ class Config:
     """Rules across options (raises ``ValueError("--flag: ...")``); the devices
     only in one process (a distributed run checks them once initialized)."""
     self.tail_path()
+    if self.drw_epoch is not None and self.drw_epoch >= self.epochs:
+      raise ValueError(
+        f"--drw-epoch: {self.drw_epoch} is not below --epochs {self.epochs}"
+      )
     if self.few_threshold > self.many_threshold:
       raise ValueError(
         f"--few-threshold: {self.few_threshold} exceeds --many-threshold"
@@ -351,7 +394,7 @@ class Config:
   @property
   def effective_tau(self) -> float:
     """The logit-adjustment strength of the loss (0 for plain cross-entropy)."""
-    return {"ce": 0.0, "logit-adjust": self.tau, "balanced-softmax": 1.0}[self.loss]
+    return {"logit-adjust": self.tau, "balanced-softmax": 1.0}.get(self.loss, 0.0)
 
 
 def _ldam(dataset: str, imbalance: float) -> Preset:
@@ -398,6 +441,58 @@ PRESETS: dict[str, Preset] = {
     rho=(0.05,),
     eta=(20.0,),
     tail_loss_scale=2.0,
+    many_threshold=100,
+  ),
+  "cifar100-lt-focal-sam": Preset(
+    "CIFAR-100-LT, imbalance 100, Focal-SAM's recipe (scongl/Focal-SAM cifar.sh:"
+    " logit adjustment, rho 0.3, gamma 3.2, lam 0.8, ResNet-32)",
+    dataset="cifar100-lt",
+    imbalance_ratio=100.0,
+    model="resnet32",
+    method=("base", "sam", "imbsam", "focal-sam"),
+    epochs=200,
+    batch_size=64,
+    lr=0.1,
+    weight_decay=1e-3,
+    loss="logit-adjust",
+    rho=(0.3,),
+    focal_gamma=3.2,
+    focal_lam=0.8,
+    many_threshold=100,
+  ),
+  "cifar100-lt-sse-sam": Preset(
+    "CIFAR-100-LT, imbalance 100, SSE-SAM's recipe (Zemdalk/SSE-SAM README: CE,"
+    " eta 100, head rho 0.05, tail rho 0.1, head share 0.7, ResNet-34 variant)",
+    dataset="cifar100-lt",
+    imbalance_ratio=100.0,
+    model="resnet34_cifar",
+    method=("base", "sam", "imbsam", "sse-sam"),
+    epochs=200,
+    batch_size=64,
+    lr=0.01,
+    weight_decay=1e-3,
+    rho=(0.1,),
+    eta=(100.0,),
+    head_rho=0.05,
+    head_share=0.7,
+    many_threshold=100,
+  ),
+  "cifar100-lt-ldam-drw-sam": Preset(
+    "CIFAR-100-LT, imbalance 100, SAM with large rho around LDAM + DRW (Rangwani"
+    " et al. 2022, val-iisc/Saddle-LongTail: rho 0.8; the LDAM-DRW recipe, ResNet-32)",
+    dataset="cifar100-lt",
+    imbalance_ratio=100.0,
+    model="resnet32",
+    method=("base", "sam"),
+    epochs=200,
+    batch_size=128,
+    lr=0.1,
+    weight_decay=2e-4,
+    warmup_epochs=5,
+    schedule="drw-step",
+    loss="ldam",
+    drw_epoch=160,
+    rho=(0.8,),
     many_threshold=100,
   ),
   "imagenet-lt": _large_scale(

@@ -44,6 +44,7 @@ import csv
 import dataclasses
 import functools
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import imbsam_jax
-from long_tailed.config import PRESETS, Config, implied_preset
+from long_tailed.config import ETA_METHODS, PRESETS, Config, implied_preset
 from shared import (
   data,
   metrics,
@@ -77,7 +78,15 @@ SPLITS = ("many", "medium", "few")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Which sweeps each method depends on.
-USES = {"base": (), "sam": ("rho",), "imbsam": ("rho", "eta")}
+USES = {
+  "base": (),
+  "sam": ("rho",),
+  "imbsam": ("rho", "eta"),
+  "focal-sam": ("rho",),
+  "sse-sam": ("rho", "eta"),
+}
+#: The methods that are an :func:`imbsam_jax.imbsam` (with its metrics).
+IMBSAM_FAMILY = ("imbsam", "focal-sam", "sse-sam")
 
 
 def logit_adjusted_cross_entropy(
@@ -101,6 +110,56 @@ def logit_adjusted_cross_entropy(
   return optax.softmax_cross_entropy_with_integer_labels(adjusted, labels)
 
 
+def ldam_margins(train_counts: Any, max_margin: float = 0.5) -> np.ndarray:
+  """LDAM's per-class margins (Cao et al., 2019): ``m_c ∝ n_c^(-1/4)``, the largest
+  ``max_margin``; an empty class counted as one image.
+
+  Example:
+    >>> [round(float(m), 3) for m in ldam_margins([625, 16, 1])]  # 1/5, 1/2, 1
+    [0.1, 0.25, 0.5]
+  """
+  margins = np.maximum(np.asarray(train_counts, np.float64), 1.0) ** -0.25
+  return (margins * (max_margin / margins.max())).astype(np.float32)
+
+
+def ldam_cross_entropy(
+  cosines: jax.Array, labels: jax.Array, margins: jax.Array, scale: float = 30.0
+) -> jax.Array:
+  """Per-example label-distribution-aware margin loss (LDAM, Cao et al., 2019).
+
+  .. math::
+    \\ell(x, y) = -\\log \\operatorname{softmax}\\big(s (z - m_y e_y)\\big)_y
+
+  on the cosines ``z`` of a normalised classifier (``CosineLinear``), the true
+  class's less its margin :func:`ldam_margins`; as kaidic/LDAM-DRW's ``LDAMLoss``.
+  Predict with the cosines.
+
+  Example:
+    >>> z, margins = jnp.zeros((1, 2)), jnp.array([0.1, 0.5])
+    >>> round(float(ldam_cross_entropy(z, jnp.array([1]), margins)[0]), 4)
+    15.0
+  """
+  one_hot = jax.nn.one_hot(labels, cosines.shape[-1], dtype=cosines.dtype)
+  logits = scale * (
+    cosines - one_hot * jnp.asarray(margins, cosines.dtype)[labels, None]
+  )
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def drw_class_weights(train_counts: Any, beta: float = 0.9999) -> np.ndarray:
+  """Deferred re-weighting's class weights (Cao et al., 2019): the inverse
+  effective number of samples, ``(1 - beta) / (1 - beta^n_c)``, normalised to sum
+  to the number of classes (an empty class counted as one image).
+
+  Example:
+    >>> [round(float(w), 3) for w in drw_class_weights([1000, 10], beta=0.99)]
+    [0.175, 1.825]
+  """
+  counts = np.maximum(np.asarray(train_counts, np.float64), 1.0)
+  weights = (1.0 - beta) / (1.0 - beta**counts)
+  return (weights / weights.sum() * len(counts)).astype(np.float32)
+
+
 def log_class_prior(train_counts: Any) -> np.ndarray:
   """``log(n_c / N)`` as float32, an empty class counted as one image.
 
@@ -115,12 +174,17 @@ def log_class_prior(train_counts: Any) -> np.ndarray:
 def learning_rate_schedule(
   lr: float, schedule: str, total_steps: int, warmup_steps: int = 0
 ) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine to 0 or x0.1 at 80% and 90% (``step``).
+  """Linear warm-up from 0, then cosine to 0, x0.1 at 80% and 90% of the steps
+  after warm-up (``step``), or x0.01 at 80% and x1e-4 at 90% of all steps
+  (``drw-step``: LDAM-DRW's epochs 160 and 180 of 200).
 
   Example:
     >>> sched = learning_rate_schedule(0.1, "step", total_steps=100)
     >>> [round(float(sched(s)), 4) for s in (0, 79, 80, 90)]
     [0.1, 0.1, 0.01, 0.001]
+    >>> sched = learning_rate_schedule(1.0, "drw-step", 200, warmup_steps=5)
+    >>> [round(float(sched(s)), 6) for s in (159, 160, 180)]
+    [1.0, 0.01, 0.0001]
   """
   warmup_steps = min(warmup_steps, total_steps)
   steps = max(total_steps - warmup_steps, 1)
@@ -130,8 +194,13 @@ def learning_rate_schedule(
     main = optax.piecewise_constant_schedule(
       lr, {round(0.8 * steps): 0.1, round(0.9 * steps): 0.1}
     )
+  elif schedule == "drw-step":
+    first, second = round(0.8 * total_steps), round(0.9 * total_steps)
+    main = optax.piecewise_constant_schedule(
+      lr, {first - warmup_steps: 0.01, second - warmup_steps: 0.01}
+    )
   else:
-    raise ValueError(f"schedule must be cosine or step, got {schedule!r}.")
+    raise ValueError(f"schedule must be cosine, step or drw-step, got {schedule!r}.")
   if warmup_steps == 0:
     return main
   warmup = optax.linear_schedule(0.0, lr, warmup_steps)
@@ -284,7 +353,7 @@ def prepare(config: Config, dataset: data.Dataset | None = None) -> Experiment:
     raise ValueError(
       f"--batch-size: {config.batch_size} exceeds the {counts.sum()} training images"
     )
-  for eta in config.eta if "imbsam" in config.method else ():
+  for eta in config.eta if set(ETA_METHODS) & set(config.method) else ():
     if not imbsam_jax.tail_classes(counts, eta).any():
       raise ValueError(
         f"--eta: no class has fewer than {eta:g} training images (counts"
@@ -340,19 +409,47 @@ class RunSteps(NamedTuple):
 
 
 def per_example_loss_fn(exp: Experiment):
-  """``(model, batch) -> (losses, {"accuracy"})`` on normalized images, float32."""
-  log_prior, tau = (
-    jnp.asarray(log_class_prior(exp.train_counts)),
-    exp.config.effective_tau,
-  )
+  """``(model, batch) -> (losses, {"accuracy"})`` on normalized images, float32;
+  each loss times ``batch["weight"]`` where the batch has one (DRW)."""
+  config, counts = exp.config, exp.train_counts
+  log_prior, tau = jnp.asarray(log_class_prior(counts)), config.effective_tau
+  margins = jnp.asarray(ldam_margins(counts, config.ldam_max_margin))
 
   def per_example_loss(model: nnx.Module, batch: dict[str, jax.Array]):
-    logits = model(batch["image"]).astype(jnp.float32)
-    losses = logit_adjusted_cross_entropy(logits, batch["label"], log_prior, tau)
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    logits, labels = model(batch["image"]).astype(jnp.float32), batch["label"]
+    if config.loss == "ldam":
+      losses = ldam_cross_entropy(logits, labels, margins, config.ldam_scale)
+    else:
+      losses = logit_adjusted_cross_entropy(logits, labels, log_prior, tau)
+    if "weight" in batch:
+      losses = losses * batch["weight"]
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
     return losses, {"accuracy": accuracy}
 
   return per_example_loss
+
+
+def head_epochs(config: Config) -> int:
+  """SSE-SAM's epochs with the head perturbation: ``ceil(head_share * epochs)``."""
+  return math.ceil(config.head_share * config.epochs)
+
+
+def stage_boundaries(config: Config, method: str, steps_per_epoch: int) -> list[int]:
+  """The steps at which a run's step changes: SSE-SAM's end of the head
+  perturbation (after ``ceil(head_share * epochs)`` epochs, as its authors' epoch
+  counter) and the start of DRW; within the run, in order.
+
+  Example:
+    >>> config = Config(epochs=200, head_share=0.7, drw_epoch=160)
+    >>> stage_boundaries(config, "sse-sam", 10), stage_boundaries(config, "sam", 10)
+    ([1400, 1600], [1600])
+  """
+  total, epochs = config.epochs * steps_per_epoch, []
+  if method == "sse-sam":
+    epochs.append(head_epochs(config))
+  if config.drw_epoch is not None:
+    epochs.append(config.drw_epoch)
+  return sorted({e * steps_per_epoch for e in epochs} & set(range(1, total)))
 
 
 def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
@@ -366,6 +463,7 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     rngs=nnx.Rngs(cell.seed),
     norm=config.norm,
     dtype=config.activation_dtype,
+    head="cosine" if config.loss == "ldam" else "linear",
   )
   model.eval()
   eval_graphdef = nnx.graphdef(model)
@@ -377,51 +475,80 @@ def build_run(exp: Experiment, cell: runner.Cell) -> RunSteps:
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(schedule, momentum=config.momentum),
   )
+  kind = "imbsam" if cell.method in IMBSAM_FAMILY else cell.method
   tail_mask_fn, capacity, extra = None, None, {}
-  if cell.method == "imbsam":
+  if cell.method in ETA_METHODS:
     eta = cell.setting["eta"]
     tail_mask_fn = imbsam_jax.tail_mask_from_counts(exp.train_counts, eta)
-    capacity = exp.tail_capacity(eta)  # None: the exact path
     extra = {"tail_loss_scale": config.tail_loss_scale}
+  if cell.method == "imbsam":
+    capacity = exp.tail_capacity(eta)  # None: the exact path
+  elif cell.method == "focal-sam":
+    tail_mask_fn = imbsam_jax.focal_tail_mask_from_counts(
+      exp.train_counts, config.focal_gamma, lam=config.focal_lam
+    )
   rho = cell.setting.get("rho", 0.0)
 
-  def make_tx(capacity: int | None) -> optax.GradientTransformation:
+  def make_tx(capacity: int | None, head: bool) -> optax.GradientTransformation:
     fast = {} if capacity is None else {"tail_capacity": capacity, "overflow": "nan"}
+    if head:
+      fast["head_rho"] = config.head_rho
     return training.make_optimizer(
-      cell.method, base_tx, rho=rho, tail_mask_fn=tail_mask_fn, **extra, **fast
+      kind, base_tx, rho=rho, tail_mask_fn=tail_mask_fn, **extra, **fast
     )
 
-  graphdef, state = training.init_train_state(model, make_tx(capacity))
+  head = cell.method == "sse-sam"
+  graphdef, state = training.init_train_state(model, make_tx(capacity, head))
   mean, std = jnp.asarray(exp.mean), jnp.asarray(exp.std)
+  drw = jnp.asarray(drw_class_weights(exp.train_counts, config.drw_beta))
 
-  def preprocess(key: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
+  def preprocess(
+    key: jax.Array, batch: dict[str, jax.Array], reweight: bool
+  ) -> dict[str, Any]:
     images = data.to_float(batch["image"])
     if exp.augment == "crop-flip":  # zero padding, then normalisation (torchvision)
       images = training.random_crop_flip(key, images)
-    return {**batch, "image": (images - mean) / std}
+    batch = {**batch, "image": (images - mean) / std}
+    if reweight:  # a weighted mean over the (global) batch, as PyTorch's
+      weights = drw[batch["label"]]
+      batch["weight"] = weights / jnp.mean(weights)
+    return batch
 
   # Fixed output shardings: the state stays replicated, so no step recompiles;
   # the counts are summed over the batch shards of every device and process.
   replicated = NamedSharding(exp.mesh, PartitionSpec())
+  path = config.tail_path() if cell.method == "imbsam" else "exact"
 
-  def jitted_step(capacity: int | None) -> Any:
-    step = training.make_train_step(
-      graphdef,
-      per_example_loss_fn(exp),
-      cell.method,
-      make_tx(capacity),
-      tail_mask_fn=tail_mask_fn,
-      path=config.tail_path(),
-      augment=preprocess,
-    )
-    return jax.jit(step, out_shardings=replicated)
+  def stage_step(start: int) -> Any:
+    """The step from step ``start`` on (per tail capacity on the fast path)."""
+    head = cell.method == "sse-sam" and start < head_epochs(config) * steps
+    reweight = config.drw_epoch is not None and start >= config.drw_epoch * steps
 
-  train_step = jitted_step(None)
-  if capacity is not None:  # the fast path: a step per capacity, no control flow
+    def jitted_step(capacity: int | None) -> Any:
+      step = training.make_train_step(
+        graphdef,
+        per_example_loss_fn(exp),
+        kind,
+        make_tx(capacity, head),
+        tail_mask_fn=tail_mask_fn,
+        path=path,
+        augment=functools.partial(preprocess, reweight=reweight),
+      )
+      return jax.jit(step, out_shardings=replicated)
+
+    if capacity is None:
+      return jitted_step(None)
+    # the fast path: a step per capacity, no control flow
     tail = imbsam_jax.tail_classes(exp.train_counts, cell.setting["eta"])
-    train_step = training.CapacitySteps(
+    return training.CapacitySteps(
       jitted_step, lambda batch: tail[batch["label"]], capacity, config.batch_size
     )
+
+  boundaries = stage_boundaries(config, cell.method, steps)
+  train_step = stage_step(0)
+  if boundaries:
+    stages = [train_step, *(stage_step(b) for b in boundaries)]
+    train_step = training.StagedSteps(stages, boundaries)
 
   def predict(state: training.TrainState, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(eval_graphdef, state.params, state.model_state)
@@ -639,7 +766,9 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     if eta is None
     else np.flatnonzero(imbsam_jax.tail_classes(exp.train_counts, eta)).tolist(),
     "tail_capacity": exp.tail_capacity(eta) if cell.method == "imbsam" else None,
-    "tail_path": config.tail_path() if cell.method == "imbsam" else None,
+    "tail_path": (config.tail_path() if cell.method == "imbsam" else "exact")
+    if cell.method in IMBSAM_FAMILY
+    else None,
     "history": history,
     "epochs_trained_now": config.epochs - start // steps,
     "resumed_from_epoch": start // steps,
@@ -648,7 +777,7 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
     "compiles": {
       "train_step": (
         run.train_step.compiles()
-        if isinstance(run.train_step, training.CapacitySteps)
+        if isinstance(run.train_step, (training.CapacitySteps, training.StagedSteps))
         else run.train_step._cache_size()
       ),
       "predict": run.predict._cache_size(),
@@ -741,7 +870,7 @@ def run(config: Config, *, dataset: data.Dataset | None = None) -> dict[str, Any
     f" images, imbalance ratio {facts['imbalance_ratio_used']:g}; train counts per"
     f" class {_show_counts(counts)}"
   )
-  for eta in config.eta if "imbsam" in config.method else ():
+  for eta in config.eta if set(ETA_METHODS) & set(config.method) else ():
     tail, capacity = imbsam_jax.tail_classes(counts, eta), exp.tail_capacity(eta)
     path = {
       "exact": "exact path (full batch)",

@@ -274,6 +274,39 @@ class CifarResNet(ResNet):
     )
 
 
+class CosineLinear(nnx.Module):
+  """A normalised classifier: the cosines between features and class weights.
+
+  .. math::
+    z_c = \\frac{x^\\top w_c}{\\|x\\|_2 \\|w_c\\|_2}
+
+  LDAM-DRW's ``NormedLinear`` (kernel uniform in [-1, 1]); the LDAM loss scales the
+  cosines by ``s``. The cosines are its logits for prediction too.
+
+  >>> head = CosineLinear(4, 3, rngs=nnx.Rngs(0))
+  >>> z = head(jnp.ones((2, 4)))
+  >>> z.shape, bool(jnp.all(jnp.abs(z) <= 1))
+  ((2, 3), True)
+  """
+
+  def __init__(
+    self, in_features: int, out_features: int, *, dtype: Dtype = None, rngs: nnx.Rngs
+  ):
+    init = nnx.initializers.uniform(2.0)
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)) - 1.0)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or jnp.float32
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    kernel = self.kernel[...]
+    kernel = kernel / jnp.maximum(jnp.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    return (x.astype(dtype) @ kernel.astype(dtype)).astype(dtype)
+
+
+HEADS = ("linear", "cosine")
+
+
 class SmallCNN(nnx.Module):
   """A small CNN for tiny images: 3x3 convs (strides 1, 2, 2), global pool, linear.
 
@@ -457,12 +490,15 @@ def create_model(
   rngs: nnx.Rngs,
   norm: Norm | None = None,
   dtype: Dtype = None,
+  head: str = "linear",
 ) -> nnx.Module:
   """Builds a model by name (case-insensitive), one of :data:`MODEL_NAMES`.
 
   ``"deep_sad"`` is a :class:`DeepSADEncoder` with ``rep_dim = num_classes``. The
   input channels are ``input_shape[-1]``; ``norm=None`` keeps the model's default.
   ``dtype``: the classifiers' activations (float32 parameters); not for deep_sad.
+  ``head``: the classifiers' last layer, ``linear`` or ``cosine``
+  (:class:`CosineLinear`, for the LDAM loss).
 
   >>> model = create_model("small_cnn", num_classes=10, input_shape=(8, 8, 1),
   ...                      rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
@@ -479,6 +515,13 @@ def create_model(
     if dtype is not None:
       raise ValueError("deep_sad computes in float32; dtype is for the classifiers")
     return DeepSADEncoder(num_classes, input_shape=input_shape, **kwargs)
-  return _CLASSIFIERS[key](
+  if head not in HEADS or (head != "linear" and key == "deep_sad"):
+    raise ValueError(f"head must be one of {HEADS} (a classifier's), got {head!r}")
+  model = _CLASSIFIERS[key](
     num_classes, in_channels=int(input_shape[-1]), dtype=dtype, **kwargs
   )
+  if head == "cosine":
+    model.head = CosineLinear(
+      model.head.in_features, num_classes, dtype=dtype, rngs=rngs
+    )
+  return model

@@ -38,6 +38,7 @@ Check = tuple[Callable[[Any], bool], str]
 POSITIVE: Check = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
 FRACTION: Check = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
+UNIT: Check = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
 
 
 def option(

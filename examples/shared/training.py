@@ -205,7 +205,7 @@ class CapacitySteps:
 
   Example:
     >>> steps = CapacitySteps(lambda k: f"step of {k}", lambda b: b["y"] == 9, 8, 64)
-    >>> steps.select({"y": np.array([9] * 11)}), steps.capacities
+    >>> steps.select({"y": np.array([9] * 11)}, 0), steps.capacities
     ('step of 16', [16])
   """
 
@@ -225,8 +225,9 @@ class CapacitySteps:
     """The capacities compiled so far, in increasing order."""
     return sorted(self._steps)
 
-  def select(self, local_batch: Any) -> Callable:
-    """The step for this process's rows of a global batch (all processes call it)."""
+  def select(self, local_batch: Any, position: int) -> Callable:
+    """The step for this process's rows of a global batch (all processes call it;
+    ``position``, the step's index, does not matter here)."""
     count = process_sum(int(np.sum(self._tail_rows(local_batch))))
     k = imbsam_jax.bucket_capacity(count, self._capacity, self._batch_size)
     if k not in self._steps:
@@ -236,6 +237,42 @@ class CapacitySteps:
   def compiles(self) -> int:
     """Compiled programs over all capacities."""
     return sum(step._cache_size() for step in self._steps.values())
+
+
+class StagedSteps:
+  """Jitted steps (or :class:`CapacitySteps`) that take turns by step index:
+  ``steps[0]`` before ``boundaries[0]``, ``steps[1]`` from there to
+  ``boundaries[1]``, and so on.
+
+  For a method whose step changes at fixed points of training (SSE-SAM drops its
+  head perturbation after a share of it): each stage's step is compiled once, the
+  state is shared, and a resumed run picks the stage of its position.
+
+  Example:
+    >>> steps = StagedSteps(["with head", "without"], [140])
+    >>> steps.select(None, 139), steps.select(None, 140)
+    ('with head', 'without')
+  """
+
+  def __init__(self, steps: list[Callable], boundaries: list[int]):
+    if len(steps) != len(boundaries) + 1:
+      raise ValueError("StagedSteps needs one boundary fewer than steps.")
+    self._steps, self._boundaries = steps, boundaries
+
+  def select(self, local_batch: Any, position: int) -> Callable:
+    """The step of the stage that step ``position`` is in (a stage's
+    :class:`CapacitySteps` picks its own)."""
+    step = self._steps[int(np.searchsorted(self._boundaries, position, "right"))]
+    if isinstance(step, CapacitySteps):
+      return step.select(local_batch, position)
+    return step
+
+  def compiles(self) -> int:
+    """Compiled programs over all stages."""
+    return sum(
+      step.compiles() if isinstance(step, CapacitySteps) else step._cache_size()
+      for step in self._steps
+    )
 
 
 class Preempted(SystemExit):
@@ -307,13 +344,14 @@ def train_steps(
   """Runs ``step`` over this process's rows of each global batch.
 
   Step ``i`` gets the key ``fold_in(key, first_step + i)``; a :class:`CapacitySteps`
-  picks each batch's step. After each step, ``stop()`` true ends the loop early
-  (no further batch is read). Returns the state, each metric summed over the steps
-  (on device, added to ``sums``) and the step count.
+  or :class:`StagedSteps` picks each batch's step. After each step, ``stop()`` true
+  ends the loop early (no further batch is read). Returns the state, each metric
+  summed over the steps (on device, added to ``sums``) and the step count.
   """
   sums, count = dict(sums or {}), 0
   for i, batch in enumerate(batches):
-    run = step.select(batch) if isinstance(step, CapacitySteps) else step
+    selects = isinstance(step, (CapacitySteps, StagedSteps))
+    run = step.select(batch, first_step + i) if selects else step
     state, metrics = run(
       state, shard_batch(batch, mesh), jax.random.fold_in(key, first_step + i)
     )
