@@ -210,18 +210,14 @@ def test_tail_capacity_all_tail_batch():
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("capacity", [None, 4])
-def test_handed_in_tail_grads(capacity):
-  """value_and_tail_grads + tail_grads= gives the same step with fewer passes."""
-  params = init_params()
-  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.1, SOFT_MASK, tail_capacity=capacity)
-  want, _ = run_imbsam(tx, params, BATCHES, jit=True)
+def tail_grads_step(tx, mask_fn):
+  """The jitted step that hands ``tx`` the tail gradient of value_and_tail_grads:
+  ``(params, state, batch) -> (params, state, loss)``."""
 
   @jax.jit
   def step(params, state, batch):
-    weights = SOFT_MASK(batch["y"])
     loss, grads, tail_grads = imbsam_jax.value_and_tail_grads(
-      loss_fn, params, batch, weights
+      loss_fn, params, batch, mask_fn(batch["y"])
     )
     updates, state = tx.update(
       grads,
@@ -234,6 +230,17 @@ def test_handed_in_tail_grads(capacity):
     )
     return optax.apply_updates(params, updates), state, loss
 
+  return step
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_handed_in_tail_grads(capacity):
+  """value_and_tail_grads + tail_grads= gives the same step with fewer passes."""
+  params = init_params()
+  tx = imbsam_jax.imbsam(optax.adam(0.05), 0.1, SOFT_MASK, tail_capacity=capacity)
+  want, _ = run_imbsam(tx, params, BATCHES, jit=True)
+
+  step = tail_grads_step(tx, SOFT_MASK)
   params_got, state = params, tx.init(params)
   for batch in BATCHES:
     params_got, state, loss = step(params_got, state, batch)
@@ -305,17 +312,24 @@ def test_all_tail_is_sam():
     imbsam_jax.imbsam(optax.sgd(0.3), 0.1, all_tail), params, BATCHES, jit=True
   )
 
+  chex.assert_trees_all_close(got, run_sam(params, BATCHES, 0.1), atol=1e-5, rtol=1e-5)
+
+
+def run_sam(params, batches, rho, lr=0.3):
+  """SGD inside ``optax.contrib.sam`` (opaque mode), perturbation rho g / ||g||."""
   sam = optax.contrib.sam(
-    optax.sgd(0.3),
-    optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
+    optax.sgd(lr),
+    optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
     opaque_mode=True,
   )
-  want, state = params, sam.init(params)
-  for batch in BATCHES:
+  state = sam.init(params)
+  for batch in batches:
     grad_fn = lambda p, _, b=batch: clean_grads(p, b)
-    updates, state = sam.update(clean_grads(want, batch), state, want, grad_fn=grad_fn)
-    want = optax.apply_updates(want, updates)
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    updates, state = sam.update(
+      clean_grads(params, batch), state, params, grad_fn=grad_fn
+    )
+    params = optax.apply_updates(params, updates)
+  return params
 
 
 def run_counting_traces(tx: optax.GradientTransformation):

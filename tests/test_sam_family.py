@@ -12,7 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_imbsam import BATCHES, COUNTS, clean_grads, init_params, loss_fn, run_imbsam
+from test_imbsam import (
+  BATCHES,
+  COUNTS,
+  clean_grads,
+  init_params,
+  loss_fn,
+  run_imbsam,
+  run_sam,
+  tail_grads_step,
+)
 
 import imbsam_jax
 
@@ -84,17 +93,7 @@ def test_focal_sam_with_all_weights_one_is_sam():
   got, _ = run_imbsam(
     imbsam_jax.imbsam(optax.sgd(0.3), 0.1, mask_fn), params, BATCHES, jit=True
   )
-  sam = optax.contrib.sam(
-    optax.sgd(0.3),
-    optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
-    opaque_mode=True,
-  )
-  want, state = params, sam.init(params)
-  for batch in BATCHES:
-    grad_fn = lambda p, _, b=batch: clean_grads(p, b)
-    updates, state = sam.update(clean_grads(want, batch), state, want, grad_fn=grad_fn)
-    want = optax.apply_updates(want, updates)
-  chex.assert_trees_all_close(got, want, **TOL)
+  chex.assert_trees_all_close(got, run_sam(params, BATCHES, 0.1), **TOL)
 
 
 def test_focal_weights():
@@ -135,27 +134,10 @@ def test_sse_sam_fast_path_and_handed_in_tail_grads(capacity):
   params = init_params()
   want, _ = run_imbsam(sse_sam(0.05), params, BATCHES, jit=True)
   tx = sse_sam(0.05, tail_capacity=capacity)
-  mask_fn = imbsam_jax.tail_mask_from_counts(COUNTS, eta=20)
-
-  @jax.jit
-  def step(params, state, batch):
-    _, grads, tail_grads = imbsam_jax.value_and_tail_grads(
-      loss_fn, params, batch, mask_fn(batch["y"])
-    )
-    updates, state = tx.update(
-      grads,
-      state,
-      params,
-      loss_fn=loss_fn,
-      batch=batch,
-      labels=batch["y"],
-      tail_grads=tail_grads,
-    )
-    return optax.apply_updates(params, updates), state
-
+  step = tail_grads_step(tx, imbsam_jax.tail_mask_from_counts(COUNTS, eta=20))
   got, state = params, tx.init(params)
   for batch in BATCHES:
-    got, state = step(got, state, batch)
+    got, state, _ = step(got, state, batch)
   chex.assert_trees_all_close(got, want, **TOL)
 
 

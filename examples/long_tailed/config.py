@@ -412,6 +412,17 @@ def _ldam(dataset: str, imbalance: float) -> Preset:
   )
 
 
+def _cifar100_lt(description: str, model: str, **values: Any) -> Preset:
+  """A published CIFAR-100-LT recipe: imbalance 100, 200 epochs, Many > 100."""
+  recipe = dict(dataset="cifar100-lt", imbalance_ratio=100.0, epochs=200)
+  return Preset(
+    f"CIFAR-100-LT, imbalance 100, {description}",
+    model=model,
+    many_threshold=100,
+    **{**recipe, **values},
+  )
+
+
 def _large_scale(description: str, dataset: str, model: str, **values: Any) -> Preset:
   """A streamed benchmark: from scratch, bfloat16, 90 epochs, eta 20, Many > 100."""
   recipe = dict(epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4, eta=(20.0,))
@@ -429,28 +440,21 @@ PRESETS: dict[str, Preset] = {
     for name in ("cifar10", "cifar100")
     for ratio in (100, 50, 10)
   },
-  "cifar100-lt-reference": Preset(
-    "CIFAR-100-LT, imbalance 100, the ImbSAM authors' recipe (ResNet-34 variant)",
-    dataset="cifar100-lt",
-    imbalance_ratio=100.0,
-    model="resnet34_cifar",
-    epochs=200,
+  "cifar100-lt-reference": _cifar100_lt(
+    "the ImbSAM authors' recipe (ResNet-34 variant)",
+    "resnet34_cifar",
     batch_size=64,
     lr=0.01,
     weight_decay=1e-3,
     rho=(0.05,),
     eta=(20.0,),
     tail_loss_scale=2.0,
-    many_threshold=100,
   ),
-  "cifar100-lt-focal-sam": Preset(
-    "CIFAR-100-LT, imbalance 100, Focal-SAM's recipe (scongl/Focal-SAM cifar.sh:"
+  "cifar100-lt-focal-sam": _cifar100_lt(
+    "Focal-SAM's recipe (scongl/Focal-SAM cifar.sh:"
     " logit adjustment, rho 0.3, gamma 3.2, lam 0.8, ResNet-32)",
-    dataset="cifar100-lt",
-    imbalance_ratio=100.0,
-    model="resnet32",
+    "resnet32",
     method=("base", "sam", "imbsam", "focal-sam"),
-    epochs=200,
     batch_size=64,
     lr=0.1,
     weight_decay=1e-3,
@@ -458,16 +462,12 @@ PRESETS: dict[str, Preset] = {
     rho=(0.3,),
     focal_gamma=3.2,
     focal_lam=0.8,
-    many_threshold=100,
   ),
-  "cifar100-lt-sse-sam": Preset(
-    "CIFAR-100-LT, imbalance 100, SSE-SAM's recipe (Zemdalk/SSE-SAM README: CE,"
+  "cifar100-lt-sse-sam": _cifar100_lt(
+    "SSE-SAM's recipe (Zemdalk/SSE-SAM README: CE,"
     " eta 100, head rho 0.05, tail rho 0.1, head share 0.7, ResNet-34 variant)",
-    dataset="cifar100-lt",
-    imbalance_ratio=100.0,
-    model="resnet34_cifar",
+    "resnet34_cifar",
     method=("base", "sam", "imbsam", "sse-sam"),
-    epochs=200,
     batch_size=64,
     lr=0.01,
     weight_decay=1e-3,
@@ -475,16 +475,12 @@ PRESETS: dict[str, Preset] = {
     eta=(100.0,),
     head_rho=0.05,
     head_share=0.7,
-    many_threshold=100,
   ),
-  "cifar100-lt-ldam-drw-sam": Preset(
-    "CIFAR-100-LT, imbalance 100, SAM with large rho around LDAM + DRW (Rangwani"
+  "cifar100-lt-ldam-drw-sam": _cifar100_lt(
+    "SAM with large rho around LDAM + DRW (Rangwani"
     " et al. 2022, val-iisc/Saddle-LongTail: rho 0.8; the LDAM-DRW recipe, ResNet-32)",
-    dataset="cifar100-lt",
-    imbalance_ratio=100.0,
-    model="resnet32",
+    "resnet32",
     method=("base", "sam"),
-    epochs=200,
     batch_size=128,
     lr=0.1,
     weight_decay=2e-4,
@@ -493,7 +489,6 @@ PRESETS: dict[str, Preset] = {
     loss="ldam",
     drw_epoch=160,
     rho=(0.8,),
-    many_threshold=100,
   ),
   "imagenet-lt": _large_scale(
     "ImageNet-LT (Liu et al. 2019 split), ResNeXt-50 32x4d, Kang et al. 2020"
