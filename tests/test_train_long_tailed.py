@@ -5,7 +5,7 @@ runs end to end on tiny data for one or two epochs with the small CNN; the runs
 also check the results.json schema, determinism, resume from an epoch's end and
 from a step mid-epoch (exact), the compile count, a rho x eta sweep and its
 figure; every preset builds its config and runs one step of its own method on
-tiny inputs (the ResNet-50 / ResNeXt-50 and SSE-SAM's ResNet-34 ones under ``-m
+tiny inputs (the ResNet-50 / ResNeXt-50, ResNet-34 and ratio ones under ``-m
 slow``; their values and model dtypes in the default run); ImbSAM's successors
 run their stages (SSE-SAM's head perturbation, DRW) with a step each; bfloat16
 activations keep float32 state; bad options fail before anything is loaded, with
@@ -745,8 +745,15 @@ def tiny_dataset(num_classes: int, size: int = 32) -> data.Dataset:
 # ResNet-50 / ResNeXt-50 presets' (about 40 s each; their values are checked below).
 IR_VARIANTS = [n for n in PRESETS if n.endswith(("-ir50", "-ir10"))]
 LARGE_SCALE = ["imagenet-lt", "inat2018", "places-lt"]
-#: ResNet-50s, the ratio variants and ResNet-34 (half a minute a step) run slow.
-SLOW_PRESETS = [*IR_VARIANTS, *LARGE_SCALE, "cifar100-lt-sse-sam"]
+#: ResNet-50s, the ratio variants, the ResNet-34s (half a minute a step) and
+#: cifar10-lt (cifar100-lt's recipe) run slow.
+SLOW_PRESETS = [
+  *IR_VARIANTS,
+  *LARGE_SCALE,
+  "cifar10-lt",
+  "cifar100-lt-reference",
+  "cifar100-lt-sse-sam",
+]
 #: What each large-scale preset's description must name: its data's source.
 SOURCES = {
   "imagenet-lt": "Liu et al. 2019",
