@@ -381,14 +381,16 @@ def _perturbed(
 
 
 def _debug_checks(
-  rho_t: Any, weights: jax.Array, labels: Any, tail_mask_fn: TailMaskFn
+  radii: dict[str, Any], weights: jax.Array, labels: Any, tail_mask_fn: TailMaskFn
 ) -> None:
-  """checkify checks of the values only known inside ``jit``."""
-  checkify.check(
-    jnp.isfinite(rho_t) & (rho_t >= 0),
-    "imbsam: rho must be finite and >= 0, got {rho}.",
-    rho=jnp.asarray(rho_t, jnp.float32),
-  )
+  """checkify checks of the values only known inside ``jit``; ``radii``: the
+  perturbation radii of this step by name (``rho``, ``head_rho``)."""
+  for name, value in radii.items():
+    checkify.check(
+      jnp.isfinite(value) & (value >= 0),
+      f"imbsam: {name} must be finite and >= 0, got {{rho}}.",
+      rho=jnp.asarray(value, jnp.float32),
+    )
   checkify.check(
     jnp.all((weights >= 0) & (weights <= 1)),
     "imbsam: tail_mask_fn(labels) must return weights in [0, 1], got values"
@@ -772,15 +774,11 @@ def imbsam(
     weights = _tail_weights(tail_mask_fn(labels), size)
     mask, base = base_for(params)
     rho_t = rho(state.count) if callable(rho) else rho
+    head_rho_t = head_rho(state.count) if callable(head_rho) else head_rho
     if debug_checks:
-      _debug_checks(rho_t, weights, labels, tail_mask_fn)
-      if head_rho is not None:
-        head_rho_t = head_rho(state.count) if callable(head_rho) else head_rho
-        checkify.check(
-          jnp.isfinite(head_rho_t) & (head_rho_t >= 0),
-          "imbsam: head_rho must be finite and >= 0, got {rho}.",
-          rho=jnp.asarray(head_rho_t, jnp.float32),
-        )
+      radii = {"rho": rho_t, "head_rho": head_rho_t}
+      radii = {name: value for name, value in radii.items() if value is not None}
+      _debug_checks(radii, weights, labels, tail_mask_fn)
       _check_mean_grads(loss_fn, params, batch, updates, axis_name)
 
     # Memory: the tail passes need not wait for the caller's clean gradient, and
@@ -841,10 +839,11 @@ def imbsam(
         tail_grads,
       )
     else:  # SSE-SAM: the head loss at its own perturbed point, one full-batch pass
-      head_rho_t = head_rho(state.count) if callable(head_rho) else head_rho
-      head_grads = jax.tree.map(jnp.subtract, grads, tail_grads)
+      # grad L_head(w), per device with m-sharpness (as the tail's direction).
       if per_device_perturbation:
         head_grads = jax.tree.map(jnp.subtract, updates, local_tail_grads)
+      else:
+        head_grads = jax.tree.map(jnp.subtract, grads, tail_grads)
       head_perturbed, _ = _perturbed(
         params, _frozen_to_zero(head_grads, mask), head_rho_t, eps, adaptive, mask
       )

@@ -18,6 +18,7 @@ from test_imbsam import (
   clean_grads,
   init_params,
   loss_fn,
+  run_checked,
   run_imbsam,
   run_sam,
   tail_grads_step,
@@ -193,3 +194,14 @@ def test_head_rho_is_checked():
     imbsam_jax.imbsam(optax.sgd(0.1), 0.1, mask_fn, head_rho=-0.1)
   with pytest.raises(ValueError, match="head_rho's schedule"):
     imbsam_jax.imbsam(optax.sgd(0.1), 0.1, mask_fn, head_rho=lambda c: -1.0 + 0 * c)
+
+
+def test_debug_checks_catch_a_head_rho_schedule_going_negative():
+  mask_fn = imbsam_jax.tail_mask_from_counts(COUNTS, eta=20)
+  schedule = lambda count: 0.05 - 0.1 * count  # checked at 0 only when built
+  tx = imbsam_jax.imbsam(
+    optax.sgd(0.1), 0.1, mask_fn, head_rho=schedule, debug_checks=True
+  )
+  run_checked(tx, steps=1)
+  with pytest.raises(Exception, match="head_rho must be finite and >= 0"):
+    run_checked(tx, steps=2)
