@@ -39,12 +39,17 @@ class ImbSAMState(NamedTuple):
       ``|w|``-scaled norm when ``adaptive=True``). Free to log.
     tail_fraction: ``sum_i t_i / B`` of the last batch (float32), the share
       of the batch that the perturbation was computed from.
+    perturbed_tail_grad_norm: ``||grad L_tail(w + e)||_2`` of the last step
+      (float32), the tail gradient the update used. Far above
+      ``tail_grad_norm``, it says that ``rho`` reaches where the tail loss is
+      much steeper than at ``w`` (e.g. a loss with a pole). Free to log.
   """
 
   count: jax.Array
   base_state: optax.OptState
   tail_grad_norm: jax.Array
   tail_fraction: jax.Array
+  perturbed_tail_grad_norm: jax.Array
 
 
 def _check_scalar(name: str, value: Any) -> None:
@@ -732,6 +737,7 @@ def imbsam(
       base_state=base_for(params)[1].init(params),
       tail_grad_norm=jnp.zeros([], jnp.float32),
       tail_fraction=jnp.zeros([], jnp.float32),
+      perturbed_tail_grad_norm=jnp.zeros([], jnp.float32),
     )
 
   def update_fn(
@@ -874,6 +880,7 @@ def imbsam(
       base_state=base_state,
       tail_grad_norm=_pmean(norm, axis_name) if per_device_perturbation else norm,
       tail_fraction=tail_fraction,
+      perturbed_tail_grad_norm=_global_norm_f32(adv_grads),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

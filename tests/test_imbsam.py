@@ -152,6 +152,24 @@ def _check_against_reference(opt_name, mask, rho, jit):
   assert float(state.tail_grad_norm) > 0
 
 
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_state_norms_are_the_tail_gradients_at_w_and_at_w_plus_e(capacity):
+  """tail_grad_norm = ||g_T(w)||, perturbed_tail_grad_norm = ||g_T(w + e)||,
+  both written out as in the reference."""
+  params, batch, rho = init_params(), BATCHES[2], 0.5
+  t = np.asarray(HARD_MASK(batch["y"]), np.float64)
+  tail_loss = lambda p: jnp.sum(t * loss_fn(p, batch)) / BATCH
+  norm = lambda tree: np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree)))
+  g_tail = jax.grad(tail_loss)(params)
+  e = jax.tree.map(lambda g: rho * g / norm(g_tail), g_tail)
+  g_adv = jax.grad(tail_loss)(jax.tree.map(jnp.add, params, e))
+  tx = imbsam_jax.imbsam(optax.sgd(0.3), rho, HARD_MASK, tail_capacity=capacity)
+  _, state = run_imbsam(tx, params, [batch], jit=True)
+  np.testing.assert_allclose(state.tail_grad_norm, norm(g_tail), rtol=1e-5)
+  np.testing.assert_allclose(state.perturbed_tail_grad_norm, norm(g_adv), rtol=1e-5)
+  assert float(state.perturbed_tail_grad_norm) != float(state.tail_grad_norm)
+
+
 @pytest.mark.parametrize(
   "kwargs",
   [
@@ -286,6 +304,7 @@ def test_no_tail_is_exactly_base_step(capacity, jit):
   else:
     chex.assert_trees_all_equal(got, want)
   assert float(state.tail_grad_norm) == 0.0
+  assert float(state.perturbed_tail_grad_norm) == 0.0
   assert float(state.tail_fraction) == 0.0
 
 
