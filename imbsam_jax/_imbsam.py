@@ -833,6 +833,7 @@ def imbsam(
 
     perturbed, norm = _perturbed(params, direction, rho_t, eps, adaptive, mask)
     adv_grads = _frozen_to_zero(_pmean(tail_grad_at(perturbed), axis_name), mask)
+    adv_norm = _global_norm_f32(adv_grads)
 
     grads = _pmean(updates, axis_name)
     if head_rho is None:
@@ -880,7 +881,7 @@ def imbsam(
       base_state=base_state,
       tail_grad_norm=_pmean(norm, axis_name) if per_device_perturbation else norm,
       tail_fraction=tail_fraction,
-      perturbed_tail_grad_norm=_global_norm_f32(adv_grads),
+      perturbed_tail_grad_norm=adv_norm,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
