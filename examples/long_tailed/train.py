@@ -657,7 +657,6 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
   started, position = time.perf_counter(), start
   window = {"sums": {}, "steps": 0, "start": started}  # since the last step row
   epoch_start = started
-  add = lambda a, b: {k: a[k] + v if k in a else v for k, v in b.items()}
 
   def write_step_row(position: int) -> None:
     """The means of the steps since the last row, at ``position``."""
@@ -702,8 +701,10 @@ def train_and_evaluate(exp: Experiment, cell: runner.Cell, bar: Any) -> dict[str
           bar=bar,
           stop=preemption.requested,
         )
-        sums = add(sums, chunk)
-        window.update(sums=add(window["sums"], chunk), steps=window["steps"] + count)
+        sums = training.add_sums(sums, chunk)
+        window.update(
+          sums=training.add_sums(window["sums"], chunk), steps=window["steps"] + count
+        )
         position += count  # stop, unless a SIGTERM ended the stretch early
         stopped = preemption.stopped
         if every and (position % every == 0 or position == total or stopped):

@@ -185,7 +185,9 @@ def make_train_step(
     metrics = {"loss": loss, **metrics}
     if method == "imbsam":
       metrics.update(
-        tail_fraction=opt_state.tail_fraction, tail_grad_norm=opt_state.tail_grad_norm
+        tail_fraction=opt_state.tail_fraction,
+        tail_grad_norm=opt_state.tail_grad_norm,
+        perturbed_tail_grad_norm=opt_state.perturbed_tail_grad_norm,
       )
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, model_state, opt_state), metrics
@@ -355,7 +357,7 @@ def train_steps(
     state, metrics = run(
       state, shard_batch(batch, mesh), jax.random.fold_in(key, first_step + i)
     )
-    sums = {k: sums[k] + v if k in sums else v for k, v in metrics.items()}
+    sums = add_sums(sums, metrics)
     count += 1
     if bar is not None:
       bar.update(1)
@@ -364,16 +366,13 @@ def train_steps(
   return state, sums, count
 
 
-def train_epoch(
-  step: Callable,
-  state: TrainState,
-  batches: Iterable[dict[str, np.ndarray]],
-  mesh: Mesh,
-  key: jax.Array,
-) -> tuple[TrainState, dict[str, float]]:
-  """:func:`train_steps` over an epoch; returns the state and each metric's mean."""
-  state, sums, count = train_steps(step, state, batches, mesh, key)
-  return state, {k: float(v) / count for k, v in sums.items()}
+def add_sums(sums: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+  """``sums`` with each metric of ``more`` added (a new one starts at its value).
+
+  >>> add_sums({"loss": 1.0}, {"loss": 2.0, "tail_fraction": 0.5})
+  {'loss': 3.0, 'tail_fraction': 0.5}
+  """
+  return {**sums, **{k: sums[k] + v if k in sums else v for k, v in more.items()}}
 
 
 def process_sum(value: int) -> int:
