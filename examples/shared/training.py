@@ -354,16 +354,21 @@ def train_steps(
   for i, batch in enumerate(batches):
     selects = isinstance(step, (CapacitySteps, StagedSteps))
     run = step.select(batch, first_step + i) if selects else step
-    state, metrics = run(
-      state, shard_batch(batch, mesh), jax.random.fold_in(key, first_step + i)
-    )
-    sums = add_sums(sums, metrics)
+    state, metrics = run(state, shard_batch(batch, mesh), _fold_in(key, first_step + i))
+    same = sums.keys() == metrics.keys()
+    sums = _add_arrays(sums, metrics) if same else add_sums(sums, metrics)
     count += 1
     if bar is not None:
       bar.update(1)
     if stop is not None and stop():
       break
   return state, sums, count
+
+
+# One dispatch each instead of several eager ones: per step, they were a third of
+# a small model's step time on CPU (the digits' Deep SAD). The same values.
+_fold_in = jax.jit(jax.random.fold_in)
+_add_arrays = jax.jit(functools.partial(jax.tree.map, jnp.add))
 
 
 def add_sums(sums: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -463,6 +468,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Global arrays sharded along the batch axis from this process's rows."""
   sharding = NamedSharding(mesh, PartitionSpec("data"))
+  if jax.process_count() == 1:  # the same, in one call
+    return jax.device_put(local_batch, sharding)
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
     local_batch,
