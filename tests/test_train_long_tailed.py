@@ -753,6 +753,10 @@ SLOW_PRESETS = [
   "cifar10-lt",
   "cifar100-lt-reference",
   "cifar100-lt-sse-sam",
+  # Their losses are tested on their own (DRW, LDAM, focal) and their SAM
+  # variants in tests/test_sam_family.py; cifar100-lt builds the network.
+  "cifar100-lt-focal-sam",
+  "cifar100-lt-ldam-drw-sam",
 ]
 #: What each large-scale preset's description must name: its data's source.
 SOURCES = {
