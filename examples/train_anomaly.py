@@ -9,10 +9,10 @@ test AUROC per normal class (mean ± std over seeds) and writes
 it runs the embedded scikit-learn digits (offline, about a minute)::
 
   python examples/train_anomaly.py --out runs/anomaly
-  python examples/train_anomaly.py --rho 0.005,0.01,0.05 --optimizer sam,imbsam
+  python examples/train_anomaly.py --rho 0.01,0.05,0.1 --optimizer sam,imbsam
   python examples/train_anomaly.py --labeled-anomaly-ratio 0.01,0.05,0.1,0.2
-  python examples/train_anomaly.py --dataset mnist --normal-class 0,1 \\
-      --lr 1e-4 --epochs 150 --batch-size 128 --pretrain-epochs 100
+  python examples/train_anomaly.py --dataset npz:MNIST.npz --normal-class 0 \\
+      --epochs 10 --seeds 0,1,2,3,4,5,6,7,8,9 --eval-every 1
 
 ``--help`` lists every option with its default. The logic lives in ``anomaly/``.
 """

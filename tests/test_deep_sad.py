@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -10,7 +12,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import sklearn.metrics
 from flax import nnx
 
 import imbsam_jax
@@ -87,6 +91,25 @@ def test_per_example_loss_is_distance_to_center(train_data):
 
 
 # ------------------------------------------------------------------ centre
+
+
+def test_per_example_loss_splits_the_mean_into_head_and_tail(train_data):
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  model.center[...] = jnp.linspace(-1.0, 1.0, REP_DIM)
+  model.eval()
+  labels = jnp.array([0, 0, -1, 1, -1, 0])
+  batch = {"image": train_data.x[:6], "label": labels}
+  losses, parts = deep_sad.per_example_loss(model, batch, eta=2.0, eps=0.1)
+  d = model(data.to_float(train_data.x[:6]))
+  np.testing.assert_allclose(
+    losses, deep_sad.deep_sad_loss(d, labels, eta=2.0, eps=0.1), rtol=1e-6
+  )
+  tail = np.asarray(labels) == -1
+  np.testing.assert_allclose(parts["tail_loss"], losses[tail].sum() / 6, rtol=1e-6)
+  np.testing.assert_allclose(parts["head_loss"], losses[~tail].sum() / 6, rtol=1e-6)
+  np.testing.assert_allclose(
+    parts["head_loss"] + parts["tail_loss"], losses.mean(), rtol=1e-6
+  )
 
 
 def test_center_from_features_hand_computed():
@@ -212,6 +235,35 @@ def test_labeled_anomaly_mask_on_deep_sad_labels(train_data):
 # ----------------------------------------------------------------- training
 
 
+@pytest.mark.parametrize("rho, low, high", [(0.01, 1.0, 1.1), (0.4, 50.0, 1e4)])
+def test_imbsam_perturbation_steers_a_labeled_anomaly_toward_the_pole(rho, low, high):
+  """The failure the MNIST defaults avoid, in two dimensions: Deep SAD's labeled
+  term eta / d has a pole at the centre, ImbSAM's perturbation follows the tail
+  gradient toward it, and once rho reaches the pole the tail gradient at w + e
+  (perturbed_tail_grad_norm) is far steeper than at w (tail_grad_norm).
+
+  phi(x) = W x, c = 0: the anomaly x = (1, 0) sits at d = 0.25; rho 0.4 moves W
+  so that d = 0.01, and |grad| ~ sqrt(d) / d^2 grows by 125.
+  """
+  params = {"w": jnp.diag(jnp.array([0.5, 1.0]))}
+  batch = {
+    "x": jnp.array([[1.0, 0.0], [0.0, 0.3], [0.2, 0.1]]),
+    "label": jnp.array([deep_sad.LABELED_ANOMALY, 0, 0]),
+  }
+
+  def loss_fn(p, b):
+    sq_dist = jnp.sum(jnp.square(b["x"] @ p["w"].T), axis=-1)
+    return deep_sad.deep_sad_loss(sq_dist, b["label"])
+
+  tx = imbsam_jax.imbsam(optax.sgd(0.1), rho, imbsam_jax.labeled_anomaly_mask)
+  grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+  _, state = tx.update(
+    grads, tx.init(params), params, loss_fn=loss_fn, batch=batch, labels=batch["label"]
+  )
+  ratio = float(state.perturbed_tail_grad_norm / state.tail_grad_norm)
+  assert low < ratio < high
+
+
 def test_imbsam_step_sees_labeled_anomalies_as_tail(train_data):
   model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
   model.train()
@@ -247,6 +299,118 @@ def test_train_rho_zero_imbsam_equals_base(train_data):
   np.testing.assert_array_equal(plain.center[...], model.center[...])
 
 
+def test_lr_decay_multiplies_the_learning_rate_by_a_tenth():
+  config = Config(
+    base_optimizer="sgd", momentum=0.0, lr=1.0, weight_decay=0.0, lr_decay=(0.4, 0.6)
+  )
+  schedule = deep_sad.learning_rate(config, steps_per_epoch=3, epochs=5)
+  tx = deep_sad.base_optimizer(config)
+  params = jnp.zeros(())
+  state, steps = tx.init(params), []
+  for i in range(15):
+    state = deep_sad.with_learning_rate(state, schedule(i))
+    update, state = tx.update(jnp.ones(()), state, params)
+    steps.append(float(update))
+  # Epochs 1-2 at lr 1, epoch 3 at 0.1, epochs 4-5 at 0.01.
+  np.testing.assert_allclose(steps, [-1.0] * 6 + [-0.1] * 3 + [-0.01] * 6, rtol=1e-6)
+
+
+def test_fit_compiles_each_method_once_whatever_the_data_size_and_epochs(train_data):
+  """The learning rate lives in the optimizer state: the decay, another
+  epoch count or another training-set size (another normal class) reuse the
+  compiled step, and the update uses the state's rate (a step at lr 0 is none)."""
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  model.center[...] = deep_sad.compute_center(model, train_data.x)
+  config = Config(batch_size=16, lr_decay=(0.5,))
+  deep_sad._train_step.cache_clear()
+  for size, epochs in [(64, 2), (80, 3)]:
+    x, labels = train_data.x[:size], train_data.labels[:size]
+    deep_sad.fit(model, x, labels, config, epochs=epochs, seed=0, method="base")
+  assert deep_sad._train_step.cache_info().currsize == 1
+  training_mode = nnx.clone(model)
+  training_mode.train()
+  graphdef = nnx.split(training_mode, nnx.Param, ...)[0]
+  args = (graphdef, config, "deep_sad", "base", 0.0, "exact", 0.0)
+  _, step = deep_sad._train_step(*args)
+  assert step._cache_size() == 1
+  frozen = dataclasses.replace(config, lr=0.0, weight_decay=0.0)
+  trained, _ = deep_sad.fit(model, x, labels, frozen, epochs=1, seed=0, method="base")
+  params = lambda m: nnx.state(m, nnx.Param)
+  chex.assert_trees_all_equal(params(trained), params(model))
+
+
+def test_fit_logs_steps_and_epoch_snapshots(train_data, digits):
+  """Step rows every N steps (the last one at the end), epoch rows with the
+  snapshot every eval_every epochs; the last snapshot is the returned model's."""
+  model = deep_sad.DeepSAD(encoder(), rep_dim=REP_DIM)
+  model.center[...] = deep_sad.compute_center(model, train_data.x)
+  config = Config(batch_size=16)
+  steps_per_epoch = len(train_data.x) // 16
+  epochs, every = 4, 3
+  rows, step_rows = [], []
+  is_anomaly = digits.y_test != 0
+  snap = functools.partial(
+    deep_sad.snapshot,
+    train=train_data,
+    normal_class=0,
+    test_x=digits.x_test,
+    test_is_anomaly=is_anomaly,
+  )
+  trained, history = deep_sad.fit(
+    model,
+    train_data.x,
+    train_data.labels,
+    config,
+    epochs=epochs,
+    seed=0,
+    method="imbsam",
+    rho=0.05,
+    tail_fraction=0.1,
+    log=rows.append,
+    evaluate=snap,
+    eval_every=2,
+    step_log=lambda step, row: step_rows.append((step, row)),
+    log_every_steps=every,
+  )
+  total = epochs * steps_per_epoch
+  want = [*range(every, total + 1, every)]
+  want += [total] if total % every else []
+  assert [step for step, _ in step_rows] == want
+  for _, row in step_rows:
+    assert set(row) == {
+      "loss",
+      "head_loss",
+      "tail_loss",
+      "tail_fraction",
+      "tail_grad_norm",
+      "perturbed_tail_grad_norm",
+      "lr",
+    }
+  assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+  # The default recipe: Adam at 1e-3, a tenth of it after 70% of the epochs.
+  np.testing.assert_allclose([row["lr"] for row in rows], [1e-3] * 3 + [1e-4])
+  assert [row["loss"] for row in rows] == history
+  evaluated = [row for row in rows if "test_auroc" in row]
+  assert [row["epoch"] for row in evaluated] == [2, 4]
+  scores = deep_sad.anomaly_scores(trained, digits.x_test)
+  np.testing.assert_allclose(
+    evaluated[-1]["test_auroc"], sklearn.metrics.roc_auc_score(is_anomaly, scores)
+  )
+  dist = deep_sad.anomaly_scores(trained, train_data.x)
+  labeled = train_data.labels == -1
+  np.testing.assert_allclose(
+    evaluated[-1]["labeled_anomaly_dist_min"], dist[labeled].min(), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    evaluated[-1]["normal_dist"], np.median(dist[train_data.classes == 0]), rtol=1e-6
+  )
+  pollution = (train_data.classes != 0) & ~labeled
+  assert pollution.any()
+  np.testing.assert_allclose(
+    evaluated[-1]["pollution_dist"], np.median(dist[pollution]), rtol=1e-6
+  )
+
+
 def test_grid_names_and_aliases():
   config = Config(method=("base", "sam", "imbsam"), rho=(0.01, 0.05), seed=(0,))
   config = deep_sad.dataclasses.replace(config, normal_class=(3,))
@@ -276,17 +440,29 @@ def test_grid_names_and_aliases():
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
   ],
 )
-def test_bad_options_fail_before_training(argv, flag, tmp_path):
+def test_bad_options_fail_before_training(argv, flag, tmp_path, capsys, monkeypatch):
   """One line naming the flag, exit status 2, nothing written."""
+  monkeypatch.setattr("sys.argv", ["train_anomaly.py", *argv, "--out", str(tmp_path)])
+  with pytest.raises(SystemExit) as exit_info:
+    deep_sad.options.cli(deep_sad.main, "train_anomaly.py")
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert flag in err and len(err.splitlines()) == 1, err
+  assert not list(tmp_path.iterdir())
+
+
+def test_bad_option_from_the_command_line(tmp_path):
+  """The script itself: exit status 2, one line, nothing written."""
   completed = subprocess.run(
-    [sys.executable, "examples/train_anomaly.py", *argv, "--out", str(tmp_path)],
+    [sys.executable, "examples/train_anomaly.py", "--rho=-1", "--out", str(tmp_path)],
     capture_output=True,
     text=True,
     timeout=120,
     check=False,
   )
   assert completed.returncode == 2
-  assert flag in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
+  assert completed.stderr.startswith("train_anomaly.py: error: --rho: must be >= 0")
+  assert len(completed.stderr.strip().splitlines()) == 1
   assert not list(tmp_path.iterdir())
 
 
@@ -315,7 +491,8 @@ def test_main_smoke(tmp_path, capsys):
     assert 0.0 <= run["auroc"] <= 1.0 and run["seed"] == 0
     config = run["config"]
     assert config["base_optimizer"] == "adam" and config["epochs"] == 1
-    assert config["rho"] == (None if run["optimizer"] == "adam" else 0.01)
+    assert config["rho"] == (None if run["optimizer"] == "adam" else 0.05)
+    assert config["lr"] == 1e-3 and config["lr_decay"] == [0.7]
     info = run["data"]
     assert len(info["known_anomaly_classes"]) == 1
     assert run["normal_class"] not in info["known_anomaly_classes"]
@@ -327,8 +504,12 @@ def test_main_smoke(tmp_path, capsys):
   assert [r["tail_path"] for r in runs] == [None, None, "exact"] * 2
   assert "ImbSAM (tail: the labeled anomalies): exact path" in out
   log = (tmp_path / "metrics" / "imbsam_normal_class0_labeled_anomaly_ratio0.05"
-         "_pollution0.1_rho0.01_seed0.csv").read_text().splitlines()  # fmt: skip
-  assert log[0] == "epoch,loss,tail_fraction,tail_grad_norm" and len(log) == 2
+         "_pollution0.1_rho0.05_seed0.csv").read_text().splitlines()  # fmt: skip
+  assert log[0] == (
+    "epoch,head_loss,loss,perturbed_tail_grad_norm,tail_fraction,tail_grad_norm,"
+    "tail_loss,lr"
+  )
+  assert len(log) == 2
 
 
 def test_experiment_is_deterministic_and_pretrains(tmp_path):

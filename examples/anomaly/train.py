@@ -224,11 +224,23 @@ class DeepSAD(nnx.Module):
 
 
 def per_example_loss(
-  model: DeepSAD, batch: Mapping[str, jax.Array], *, eta: float = 1.0
+  model: DeepSAD,
+  batch: Mapping[str, jax.Array],
+  *,
+  eta: float = 1.0,
+  eps: float = LOSS_EPS,
 ):
-  """Deep SAD losses of ``{"image", "label"}`` (for ``make_train_step``)."""
+  """Deep SAD losses of ``{"image", "label"}`` (for ``make_train_step``), and
+  their split: ``tail_loss`` (the labeled anomalies', ImbSAM's tail) +
+  ``head_loss`` (the rest) is the batch mean."""
   sq_dist = model(data.to_float(batch["image"]))
-  return deep_sad_loss(sq_dist, batch["label"], eta=eta), {}
+  losses = deep_sad_loss(sq_dist, batch["label"], eta=eta, eps=eps)
+  tail = batch["label"] == LABELED_ANOMALY
+  parts = {
+    "tail_loss": jnp.sum(jnp.where(tail, losses, 0.0)) / losses.shape[0],
+    "head_loss": jnp.sum(jnp.where(tail, 0.0, losses)) / losses.shape[0],
+  }
+  return losses, parts
 
 
 def reconstruction_loss(model: nnx.Module, batch: Mapping[str, jax.Array]):
@@ -265,13 +277,57 @@ def anomaly_scores(
   return _eval_mode(model, images, batch_size, False)
 
 
+def learning_rate(
+  config: Config, steps_per_epoch: int, epochs: int
+) -> Callable[[int], float]:
+  """``step -> lr``: ``config.lr``, times 0.1 after each share ``config.lr_decay``
+  of the ``epochs`` (Deep SAD's MultiStepLR milestones, rounded to whole epochs),
+  in float32 as ``optax.piecewise_constant_schedule`` (on the host).
+
+  >>> schedule = learning_rate(Config(lr=1.0, lr_decay=(0.7,)), 5, epochs=10)
+  >>> schedule(34), schedule(35)  # the last step of epoch 7; the next
+  (1.0, 0.10000000149011612)
+  """
+  shares = config.lr_decay or ()
+  milestones = {round(share * epochs) * steps_per_epoch for share in shares}
+
+  def schedule(step: int) -> float:
+    lr = np.float32(config.lr)
+    for _ in range(sum(step >= m for m in milestones)):
+      lr = lr * np.float32(0.1)
+    return float(lr)
+
+  return schedule
+
+
 def base_optimizer(config: Config) -> optax.GradientTransformation:
-  """Adam (Deep SAD's) or SGD with momentum, constant learning rate, coupled L2."""
-  if config.base_optimizer == "adam":
-    base = optax.adam(config.lr)
-  else:
-    base = optax.sgd(config.lr, momentum=config.momentum or None)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+  """Adam (Deep SAD's) or SGD with momentum, coupled L2, its learning rate a
+  hyperparameter in its state (``optax.inject_hyperparams``): :func:`fit` sets
+  it from :func:`learning_rate` each epoch, so that one compiled step serves
+  every data size and schedule."""
+
+  def make(learning_rate: float) -> optax.GradientTransformation:
+    if config.base_optimizer == "adam":
+      base = optax.adam(learning_rate)
+    else:
+      base = optax.sgd(learning_rate, momentum=config.momentum or None)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+
+  return optax.inject_hyperparams(make)(learning_rate=config.lr)
+
+
+def with_learning_rate(opt_state: optax.OptState, lr: float) -> optax.OptState:
+  """``opt_state`` (holding one :func:`base_optimizer`'s) with its learning rate
+  set to ``lr``, of the same dtype and placement (no recompile).
+
+  >>> tx = base_optimizer(Config(lr=1.0))
+  >>> state = with_learning_rate(tx.init(jnp.zeros(2)), 0.1)
+  >>> float(optax.tree_utils.tree_get(state, "learning_rate"))
+  0.10000000149011612
+  """
+  old = optax.tree_utils.tree_get(opt_state, "learning_rate")
+  new = jax.device_put(np.asarray(lr, old.dtype), old.sharding)
+  return optax.tree_utils.tree_set(opt_state, learning_rate=new)
 
 
 @functools.cache
@@ -292,7 +348,7 @@ def _train_step(
   :func:`imbsam_jax.capacity_from_tail_fraction` up, no control flow) or
   ``exact``.
   """
-  loss_fn = functools.partial(per_example_loss, eta=config.eta_sad)
+  loss_fn = functools.partial(per_example_loss, eta=config.eta_sad, eps=config.loss_eps)
   if loss == "ae":
     loss_fn = reconstruction_loss
   mask_fn = imbsam_jax.labeled_anomaly_mask if method == "imbsam" else None
@@ -300,7 +356,11 @@ def _train_step(
   def make(capacity: int | None) -> tuple[optax.GradientTransformation, Any]:
     fast = {} if capacity is None else {"tail_capacity": capacity, "overflow": "nan"}
     tx = training.make_optimizer(
-      method, base_optimizer(config), rho=rho, tail_mask_fn=mask_fn, **fast
+      method,
+      base_optimizer(config),
+      rho=rho,
+      tail_mask_fn=mask_fn,
+      **fast,
     )
     step = training.make_train_step(
       graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn, path=path
@@ -329,11 +389,21 @@ def fit(
   method: str = "base",
   rho: float = 0.0,
   tail_fraction: float = 0.0,
-  log: runner.MetricsLog | None = None,
+  log: Callable[[dict[str, Any]], None] | None = None,
+  evaluate: Callable[[nnx.Module], dict[str, float]] | None = None,
+  eval_every: int = 0,
+  step_log: Callable[[int, dict[str, Any]], None] | None = None,
+  log_every_steps: int = 0,
 ) -> tuple[nnx.Module, list[float]]:
   """Trains a copy of ``model`` (left untouched); returns it and each epoch's
   mean loss. ``loss`` is ``deep_sad`` (with ``method``, see :func:`_train_step`)
-  or ``ae`` (reconstruction)."""
+  or ``ae`` (reconstruction).
+
+  ``log(row)`` gets each epoch's mean step metrics, with ``evaluate(model)``'s
+  every ``eval_every`` epochs (0: never); ``step_log(step, row)`` the means of
+  every ``log_every_steps`` steps (0: none), ``step`` counted from 1 over the
+  epochs.
+  """
   model = nnx.clone(model)
   model.train()
   mesh = training.data_parallel_mesh()
@@ -344,16 +414,44 @@ def fit(
   # Copies: the step donates its state, and the clone shares the arrays.
   state = training.replicate(jax.tree.map(jnp.array, state), mesh)
   history, source = [], pipeline.ArraySource(x, labels)
+  every = log_every_steps if step_log is not None else 0
+  epoch_sums, window, window_steps, position, lr = {}, {}, 0, 0, None
+
+  def means_of(sums: dict[str, jax.Array], count: int) -> dict[str, float]:
+    """The mean of each metric over ``count`` steps, and the last step's lr."""
+    means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+    return {**means, "lr": float(lr)}
+
   with pipeline.train_loader(
     source, global_batch_size=config.batch_size, seed=seed, num_epochs=epochs
   ) as loader:
-    for epoch in range(epochs):
-      batches = itertools.islice(loader, loader.steps_per_epoch)
-      key = jax.random.key(0)
-      state, means = training.train_epoch(step, state, batches, mesh, key)
-      history.append(means["loss"])
-      if log is not None:
-        log.write({"epoch": epoch + 1, **means})
+    steps = loader.steps_per_epoch
+    schedule = learning_rate(config, steps, epochs)
+    while position < epochs * steps:
+      # Up to the next epoch end or step row; the lr changes at epoch ends only.
+      if schedule(position) != lr:
+        lr = schedule(position)
+        state = state._replace(opt_state=with_learning_rate(state.opt_state, lr))
+      stop = min((position // s + 1) * s for s in (steps, every) if s)
+      batches = itertools.islice(loader, stop - position)
+      state, chunk, count = training.train_steps(
+        step, state, batches, mesh, jax.random.key(0), first_step=position
+      )
+      position += count
+      epoch_sums = training.add_sums(epoch_sums, chunk)
+      if every:
+        window, window_steps = training.add_sums(window, chunk), window_steps + count
+        if position % every == 0 or position == epochs * steps:
+          step_log(position, means_of(window, window_steps))
+          window, window_steps = {}, 0
+      if position % steps == 0:
+        epoch = position // steps
+        means, epoch_sums = means_of(epoch_sums, steps), {}
+        history.append(means["loss"])
+        if evaluate is not None and eval_every and epoch % eval_every == 0:
+          means.update(evaluate(nnx.merge(graphdef, state.params, state.model_state)))
+        if log is not None:
+          log({"epoch": epoch, **means})
   return nnx.merge(graphdef, state.params, state.model_state), history
 
 
@@ -417,6 +515,35 @@ def make_draw(
   return train, model, info
 
 
+def snapshot(
+  model: DeepSAD,
+  train: SemiSupervisedData,
+  normal_class: int,
+  test_x: np.ndarray,
+  test_is_anomaly: np.ndarray,
+  *,
+  batch_size: int = 512,
+) -> dict[str, float]:
+  """Where a model stands (eval mode), for the per-epoch log (``--eval-every``):
+  its test AUROC (NaN if a score is not finite), and the median distance to the
+  centre (the anomaly score) of the training set's normal examples, polluting
+  anomalies and labeled anomalies, with the labeled anomalies' smallest."""
+  test = anomaly_scores(model, test_x, batch_size=batch_size)
+  finite = bool(np.all(np.isfinite(test)))
+  auroc = sklearn.metrics.roc_auc_score(test_is_anomaly, test) if finite else np.nan
+  dist = anomaly_scores(model, train.x, batch_size=batch_size)
+  labeled = train.labels == LABELED_ANOMALY
+  normal = train.classes == normal_class
+  median = lambda m: float(np.median(dist[m])) if m.any() else np.nan
+  return {
+    "test_auroc": float(auroc),
+    "normal_dist": median(normal),
+    "pollution_dist": median(~normal & ~labeled),
+    "labeled_anomaly_dist": median(labeled),
+    "labeled_anomaly_dist_min": float(dist[labeled].min()) if labeled.any() else np.nan,
+  }
+
+
 def train_and_evaluate(
   config: Config,
   dataset: data.Dataset,
@@ -426,25 +553,59 @@ def train_and_evaluate(
   bar: Any,
 ) -> dict[str, Any]:
   """Trains one cell from its :func:`make_draw` (``draw(key)``); returns its run
-  entry and appends its ROC curve (None if a score is not finite) to ``curves``."""
+  entry and appends its ROC curve (None if a score is not finite) to ``curves``.
+  Writes ``metrics/<run>.csv`` (per epoch) and, with ``--log-every-steps``,
+  ``metrics/<run>.steps.csv`` and ``tensorboard/<run>/``."""
   s = cell.setting
   key = (s["normal_class"], s["labeled_anomaly_ratio"], s["pollution"], cell.seed)
   train, model, info = draw(key)
-  start = time.perf_counter()
-  trained, history = fit(
-    model,
-    train.x,
-    train.labels,
-    config,
-    epochs=config.epochs,
-    seed=cell.seed,
-    method=cell.method,
-    rho=s.get("rho", 0.0),
-    tail_fraction=s["labeled_anomaly_ratio"],
-    log=runner.MetricsLog(Path(config.out) / "metrics" / f"{cell.name}.csv"),
-  )
-  scores = anomaly_scores(trained, dataset.x_test, batch_size=config.eval_batch_size)
   is_anomaly = dataset.y_test != s["normal_class"]
+  metrics_dir = Path(config.out) / "metrics"
+  epoch_log = runner.MetricsLog(metrics_dir / f"{cell.name}.csv")
+  step_log = tensorboard = None
+  if config.log_every_steps:
+    steps_csv = runner.MetricsLog(metrics_dir / f"{cell.name}.steps.csv")
+    tensorboard = runner.TensorBoardLog(Path(config.out) / "tensorboard" / cell.name)
+
+    def step_log(step: int, row: dict[str, Any]) -> None:
+      steps_csv.write({"step": step, **row})
+      tensorboard.write(step, row, "train")
+
+  def log(row: dict[str, Any]) -> None:
+    epoch_log.write(row)
+    if tensorboard is not None:
+      tensorboard.write(row["epoch"], row, "epoch")
+
+  start = time.perf_counter()
+  try:
+    trained, history = fit(
+      model,
+      train.x,
+      train.labels,
+      config,
+      epochs=config.epochs,
+      seed=cell.seed,
+      method=cell.method,
+      rho=s.get("rho", 0.0),
+      tail_fraction=s["labeled_anomaly_ratio"],
+      log=log,
+      evaluate=functools.partial(
+        snapshot,
+        train=train,
+        normal_class=s["normal_class"],
+        test_x=dataset.x_test,
+        test_is_anomaly=is_anomaly,
+        batch_size=config.eval_batch_size,
+      ),
+      eval_every=config.eval_every,
+      step_log=step_log,
+      log_every_steps=config.log_every_steps,
+    )
+  finally:
+    if tensorboard is not None:
+      tensorboard.close()
+  train_seconds = time.perf_counter() - start
+  scores = anomaly_scores(trained, dataset.x_test, batch_size=config.eval_batch_size)
   auc = curve = None
   if np.all(np.isfinite(scores)):
     auc = float(sklearn.metrics.roc_auc_score(is_anomaly, scores))
@@ -457,7 +618,7 @@ def train_and_evaluate(
     "optimizer": config.base_optimizer if cell.method == "base" else cell.method,
     "auroc": auc,
     "final_loss": history[-1],
-    "train_seconds": round(time.perf_counter() - start, 3),
+    "train_seconds": round(train_seconds, 3),
     "tail_path": (
       training.tail_path(model, "auto", "exact") if cell.method == "imbsam" else None
     ),
