@@ -356,11 +356,7 @@ def _train_step(
   def make(capacity: int | None) -> tuple[optax.GradientTransformation, Any]:
     fast = {} if capacity is None else {"tail_capacity": capacity, "overflow": "nan"}
     tx = training.make_optimizer(
-      method,
-      base_optimizer(config),
-      rho=rho,
-      tail_mask_fn=mask_fn,
-      **fast,
+      method, base_optimizer(config), rho=rho, tail_mask_fn=mask_fn, **fast
     )
     step = training.make_train_step(
       graphdef, loss_fn, method, tx, tail_mask_fn=mask_fn, path=path
@@ -429,8 +425,8 @@ def fit(
     schedule = learning_rate(config, steps, epochs)
     while position < epochs * steps:
       # Up to the next epoch end or step row; the lr changes at epoch ends only.
-      if schedule(position) != lr:
-        lr = schedule(position)
+      if (rate := schedule(position)) != lr:
+        lr = rate
         state = state._replace(opt_state=with_learning_rate(state.opt_state, lr))
       stop = min((position // s + 1) * s for s in (steps, every) if s)
       batches = itertools.islice(loader, stop - position)
