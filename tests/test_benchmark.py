@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import benchmark  # examples/ is on the path (pyproject.toml)
 
 
@@ -85,6 +87,7 @@ def test_benchmark_options(tmp_path, capsys):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow  # ~35 s of compiling; test_benchmark_writes_ratios runs the script
 def test_benchmark_bfloat16_and_one_compile_per_step(monkeypatch):
   """``--dtype bfloat16`` runs; a step is built once for all the tail shares that
   share it (only ``imbsam-fast`` depends on the share, through its capacity)."""

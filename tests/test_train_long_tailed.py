@@ -5,11 +5,11 @@ runs end to end on tiny data for one or two epochs with the small CNN; the runs
 also check the results.json schema, determinism, resume from an epoch's end and
 from a step mid-epoch (exact), the compile count, a rho x eta sweep and its
 figure; every preset builds its config and runs one step of its own method on
-tiny inputs (the ResNet-50 / ResNeXt-50, ResNet-34 and ratio ones under ``-m
-slow``; their values and model dtypes in the default run); ImbSAM's successors
-run their stages (SSE-SAM's head perturbation, DRW) with a step each; bfloat16
-activations keep float32 state; bad options fail before anything is loaded, with
-one line naming the flag.
+tiny inputs (the ResNet-50 / ResNeXt-50, ResNet-34, ResNet-32 and ratio ones
+under ``-m slow``; their values and model dtypes in the default run); ImbSAM's
+successors run their stages (SSE-SAM's head perturbation, DRW) with a step each;
+bfloat16 activations keep float32 state; bad options fail before anything is
+loaded, with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -680,25 +680,26 @@ def test_bfloat16_activations_keep_float32_state(npz_file):
 
 
 def test_rho_eta_sweep_on_digits(tmp_path, capsys):
-  """A 2x2 rho x eta grid, two seeds: every cell once, the ablation figure."""
+  """A 2x2 rho x eta grid, one seed (not 0): every cell once, the ablation figure.
+
+  (Means over seeds: tests of report.summarize and format_table above.)"""
   results = long_tailed.main(
     [
-      *("--epochs", "1", "--seed", "0,1", "--rho", "0.02,0.1", "--eta", "10,20"),
+      *("--epochs", "1", "--seed", "1", "--rho", "0.02,0.1", "--eta", "10,20"),
       *("--out", str(tmp_path), "--checkpoint-every", "0", "--no-progress"),
     ]
   )
   runs = results["runs"]
   cells = [(r["optimizer"], r["rho"], r["eta"], r["seed"]) for r in runs]
   want = [
-    (o, rho, eta, seed)
-    for seed in (0, 1)
+    (o, rho, eta, 1)
     for o, rho, eta in [
       ("sgd", None, None),
       *(("sam", rho, None) for rho in (0.02, 0.1)),
       *(("imbsam", rho, eta) for rho in (0.02, 0.1) for eta in (10.0, 20.0)),
     ]
   ]
-  assert cells == want  # base once per seed, sam once per rho
+  assert cells == want  # base once, sam once per rho
   assert list(results["summary"]) == [
     "sgd",
     "sam rho=0.02",
@@ -709,7 +710,7 @@ def test_rho_eta_sweep_on_digits(tmp_path, capsys):
     "imbsam rho=0.1 eta=20",
   ]
   entry = results["summary"]["imbsam rho=0.1 eta=10"]
-  assert entry["seeds"] == [0, 1] and entry["few"]["n"] == 2
+  assert entry["seeds"] == [1] and entry["few"]["n"] == 1
   assert {r["config"]["eta"] for r in runs if r["optimizer"] == "imbsam"} == {
     10.0,
     20.0,
@@ -720,7 +721,7 @@ def test_rho_eta_sweep_on_digits(tmp_path, capsys):
 
   image = matplotlib.image.imread(tmp_path / "ablation.png")
   assert image.shape[0] > 500 and image.shape[1] > 1000  # 2 rows x 4 panels
-  assert "imbsam rho=0.1 eta=10 (2 seeds)" in capsys.readouterr().out
+  assert "imbsam rho=0.1 eta=10 seed 1" in capsys.readouterr().out
 
 
 def tiny_dataset(num_classes: int, size: int = 32) -> data.Dataset:
@@ -745,16 +746,19 @@ def tiny_dataset(num_classes: int, size: int = 32) -> data.Dataset:
 # ResNet-50 / ResNeXt-50 presets' (about 40 s each; their values are checked below).
 IR_VARIANTS = [n for n in PRESETS if n.endswith(("-ir50", "-ir10"))]
 LARGE_SCALE = ["imagenet-lt", "inat2018", "places-lt"]
-#: ResNet-50s, the ratio variants, the ResNet-34s (half a minute a step) and
-#: cifar10-lt (cifar100-lt's recipe) run slow.
+#: ResNet-50s, the ratio variants, the ResNet-34s (half a minute a step) and the
+#: ResNet-32 ones (cifar100-lt, cifar10-lt: about 40 s a step) run slow; digits-lt
+#: runs a preset's step in the default run (the ResNet-32's gradient under jit:
+#: tests/test_models.py).
 SLOW_PRESETS = [
   *IR_VARIANTS,
   *LARGE_SCALE,
+  "cifar100-lt",
   "cifar10-lt",
   "cifar100-lt-reference",
   "cifar100-lt-sse-sam",
   # Their losses are tested on their own (DRW, LDAM, focal) and their SAM
-  # variants in tests/test_sam_family.py; cifar100-lt builds the network.
+  # variants in tests/test_sam_family.py.
   "cifar100-lt-focal-sam",
   "cifar100-lt-ldam-drw-sam",
 ]

@@ -122,16 +122,51 @@ AUTO_MESH = jax.make_mesh(
 )
 
 
-@pytest.mark.parametrize(
-  "mask, capacity, grads_from",  # handed-in tail_grads skip the pass at w: two suffice
+def slow_unless(default, *values, id):
+  """A parametrize case: in the default run if ``default``, else under ``-m slow``."""
+  return pytest.param(*values, id=id, marks=() if default else pytest.mark.slow)
+
+
+NAMED_SHARDING_CASES = (  # (mask, capacity, grads_from)
+  # handed-in tail_grads skip the pass at w: two suffice
   [("hard", c, "grad") for c in (None, 4, 2, "auto")]
   + [("hard", c, "value_and_tail_grads") for c in (None, "auto")]
   # Soft weights meet the sharding only through the batch: the exact and gathered
   # paths suffice.
-  + [("soft", c, "grad") for c in (None, 2)],
+  + [("soft", c, "grad") for c in (None, 2)]
 )
-@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
-@pytest.mark.parametrize("set_mesh", [True, False], ids=["set_mesh", "no_set_mesh"])
+
+
+def named_sharding_params():
+  """Every case x axis type x with/without jax.set_mesh (32). The default run
+  takes a pairwise cover (16): each case under both axis types, with set_mesh
+  under one of them and without it under the other, so every case meets both
+  axis types and both set_mesh settings, and each (axis type, set_mesh) pair
+  meets 4 cases, all four of them with a gathered (capacity) path. The other
+  half runs under ``-m slow``."""
+  params = []
+  for set_mesh in (True, False):
+    for j, axis_type in enumerate(("auto", "explicit")):
+      for i, (mask, capacity, grads_from) in enumerate(NAMED_SHARDING_CASES):
+        default = set_mesh == ((i + j) % 2 == 0)
+        name = "set_mesh" if set_mesh else "no_set_mesh"
+        params.append(
+          slow_unless(
+            default,
+            mask,
+            capacity,
+            axis_type,
+            set_mesh,
+            grads_from,
+            id=f"{name}-{axis_type}-{mask}-{capacity}-{grads_from}",
+          )
+        )
+  return params
+
+
+@pytest.mark.parametrize(
+  "mask, capacity, axis_type, set_mesh, grads_from", named_sharding_params()
+)
 def test_jit_with_named_sharding(mask, capacity, axis_type, set_mesh, grads_from):
   """GSPMD (Auto axes) and sharding in types (Explicit axes, jax.make_mesh's
   default), with and without jax.set_mesh: nothing to configure."""
@@ -173,9 +208,34 @@ def sharded(step):
   )
 
 
-@pytest.mark.parametrize("mask", ["hard", "soft"])
-@pytest.mark.parametrize("capacity", [None, 2, 1])
-@pytest.mark.parametrize("grads_from", ["value_and_tail_grads", "pmean_loss"])
+#: (mask, capacity, grads_from) of the default run: a pairwise cover of the 12
+#: (each mask with each capacity, each capacity and each mask with both gradient
+#: sources); the other 6 run under ``-m slow``.
+SHARD_MAP_DEFAULT = {
+  ("hard", None, "value_and_tail_grads"),
+  ("soft", None, "pmean_loss"),
+  ("hard", 2, "pmean_loss"),
+  ("soft", 2, "value_and_tail_grads"),
+  ("hard", 1, "value_and_tail_grads"),
+  ("soft", 1, "pmean_loss"),
+}
+
+
+@pytest.mark.parametrize(
+  "mask, capacity, grads_from",
+  [
+    slow_unless(
+      (mask, capacity, grads_from) in SHARD_MAP_DEFAULT,
+      mask,
+      capacity,
+      grads_from,
+      id=f"{grads_from}-{capacity}-{mask}",
+    )
+    for grads_from in ("value_and_tail_grads", "pmean_loss")
+    for capacity in (None, 2, 1)
+    for mask in ("hard", "soft")
+  ],
+)
 def test_shard_map_with_axis_name(mask, capacity, grads_from):
   tx = make_tx(mask, axis_name="data", tail_capacity=capacity)
   step = sharded(functools.partial(shard_map_step, tx, mask, grads_from))
@@ -204,8 +264,18 @@ def unreplicate(tree):
   return jax.tree.map(lambda x: x[0], tree)
 
 
-@pytest.mark.parametrize("mask", ["hard", "soft"])
-@pytest.mark.parametrize("capacity", [None, 2])
+@pytest.mark.parametrize(
+  "mask, capacity",  # the default run: each mask and each capacity once
+  [
+    slow_unless(default, mask, capacity, id=f"{capacity}-{mask}")
+    for capacity, mask, default in [
+      (None, "hard", False),
+      (None, "soft", True),
+      (2, "hard", True),
+      (2, "soft", False),
+    ]
+  ],
+)
 def test_pmap_with_axis_name(mask, capacity):
   tx = make_tx(mask, axis_name="data", tail_capacity=capacity)
   step = jax.pmap(functools.partial(pmap_step, tx), axis_name="data")
@@ -216,6 +286,21 @@ def test_pmap_with_axis_name(mask, capacity):
   assert_matches_single_device(unreplicate(params), unreplicate(state), mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def m_sharpness_piece(mask, params, local):
+  """One device's gradient: the head's at w plus the tail's at w + e (own e)."""
+  t = MASKS[mask](local["y"]).astype(jnp.float32)
+  tail = lambda p: jnp.sum(t * loss_fn(p, local)) / 4
+  head = lambda p: jnp.sum((1 - t) * loss_fn(p, local)) / 4
+  g_tail = jax.grad(tail)(params)
+  norm = optax.tree.norm(g_tail)
+  scale = jnp.where(norm > 0, RHO / (norm + 1e-12), 0.0)
+  e = jax.tree.map(lambda g: scale * g, g_tail)
+  g_adv = jax.grad(tail)(jax.tree.map(jnp.add, params, e))
+  return jax.tree.map(jnp.add, jax.grad(head)(params), g_adv)
+
+
+@functools.cache
 def m_sharpness_reference(mask):
   """Each device perturbs along its own tail gradient; gradients are averaged."""
   params = init_params()
@@ -225,15 +310,7 @@ def m_sharpness_reference(mask):
     pieces = []
     for d in range(NUM_DEVICES):
       local = jax.tree.map(lambda x, d=d: x[4 * d : 4 * d + 4], batch)
-      t = MASKS[mask](local["y"]).astype(jnp.float32)
-      tail = lambda p, local=local, t=t: jnp.sum(t * loss_fn(p, local)) / 4
-      head = lambda p, local=local, t=t: jnp.sum((1 - t) * loss_fn(p, local)) / 4
-      g_tail = jax.grad(tail)(params)
-      norm = optax.tree.norm(g_tail)
-      scale = jnp.where(norm > 0, RHO / (norm + 1e-12), 0.0)
-      e = jax.tree.map(lambda g, scale=scale: scale * g, g_tail)
-      g_adv = jax.grad(tail)(jax.tree.map(jnp.add, params, e))
-      pieces.append(jax.tree.map(jnp.add, jax.grad(head)(params), g_adv))
+      pieces.append(m_sharpness_piece(mask, params, local))
     g = jax.tree.map(lambda *xs: sum(xs) / NUM_DEVICES, *pieces)
     updates, state = base.update(g, state, params)
     params = optax.apply_updates(params, updates)
