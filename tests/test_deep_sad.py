@@ -315,6 +315,22 @@ def test_lr_decay_multiplies_the_learning_rate_by_a_tenth():
   np.testing.assert_allclose(steps, [-1.0] * 6 + [-0.1] * 3 + [-0.01] * 6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("clip_norm, want", [(None, [-3.0, -4.0]), (1.0, [-0.6, -0.8])])
+def test_clip_norm_bounds_the_gradient_the_base_optimizer_gets(clip_norm, want):
+  """Global-norm clipping before the coupled L2 and the base optimizer."""
+  config = Config(
+    base_optimizer="sgd", momentum=0.0, lr=1.0, weight_decay=0.0, clip_norm=clip_norm
+  )
+  tx = deep_sad.base_optimizer(config)
+  params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+  grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+  updates, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose([updates["a"][0], updates["b"][0]], want, rtol=1e-6)
+  state = deep_sad.with_learning_rate(state, 0.5)  # the lr still found and set
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose([updates["a"][0], updates["b"][0]], np.multiply(want, 0.5))
+
+
 def test_fit_compiles_each_method_once_whatever_the_data_size_and_epochs(train_data):
   """The learning rate lives in the optimizer state: the decay, another
   epoch count or another training-set size (another normal class) reuse the
@@ -433,6 +449,7 @@ def test_grid_names_and_aliases():
   [
     (["--epochs", "0"], "--epochs: must be > 0"),
     (["--rho", "-1"], "--rho: must be >= 0"),
+    (["--clip-norm", "0"], "--clip-norm: must be > 0"),
     (["--labeled-anomaly-ratio", "0.6", "--labeled-normal-ratio", "0.5"], "below 1"),
     (["--base-optimizer", "lion"], "--base-optimizer: 'lion' is not one of"),
     (["--known-anomaly-classes", "x"], "--known-anomaly-classes: expected"),
@@ -542,6 +559,7 @@ def test_diverged_run_is_recorded_not_fatal(tmp_path, capsys):
     "--optimizer", "base",
     "--base-optimizer", "sgd",
     "--lr", "1e8",
+    "--clip-norm", "none",
     "--epochs", "1",
     "--features", ",".join(map(str, FEATURES)),
     "--rep-dim", str(REP_DIM),

@@ -311,7 +311,10 @@ def base_optimizer(config: Config) -> optax.GradientTransformation:
       base = optax.adam(learning_rate)
     else:
       base = optax.sgd(learning_rate, momentum=config.momentum or None)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+    base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+    if config.clip_norm is None:
+      return base
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
 
   return optax.inject_hyperparams(make)(learning_rate=config.lr)
 
