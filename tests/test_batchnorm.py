@@ -138,22 +138,20 @@ def make_pure_step(graphdef, tx, *, anchored=True, jit=True):
   return jax.jit(step) if jit else step
 
 
-def run_pure(graphdef, params, rest, tx, batches, **kwargs):
-  step = make_pure_step(graphdef, tx, **kwargs)
-  opt_state = tx.init(params)
-  for batch in batches:
-    params, rest, opt_state, _ = step(params, rest, opt_state, batch)
-  return params, rest, step
-
-
 def trajectory(graphdef, params, rest, tx, batches, **kwargs):
-  """The parameters after each of run_pure's steps (one compiled step for all)."""
+  """``(params, rest)`` after each batch (one compiled step for all), and the step."""
   step = make_pure_step(graphdef, tx, **kwargs)
   opt_state, out = tx.init(params), []
   for batch in batches:
     params, rest, opt_state, _ = step(params, rest, opt_state, batch)
-    out.append(params)
-  return out
+    out.append((params, rest))
+  return out, step
+
+
+def run_pure(graphdef, params, rest, tx, batches, **kwargs):
+  """``(params, rest, step)`` after the last batch."""
+  out, step = trajectory(graphdef, params, rest, tx, batches, **kwargs)
+  return (*out[-1], step)
 
 
 def clean_loss_fn(graphdef, rest):
@@ -369,8 +367,8 @@ def test_gathered_tail_passes_equal_full_batch_passes():
   # One compiled step per optimizer for both checks: BATCHES, then the batch
   # of 11 tail examples (same shapes).
   batches = [*BATCHES, make_batch(9, num_tail=11)]
-  full_steps = trajectory(graphdef, params, rest, full, batches)
-  fast_steps = trajectory(graphdef, params, rest, fast, batches)
+  full_steps = [p for p, _ in trajectory(graphdef, params, rest, full, batches)[0]]
+  fast_steps = [p for p, _ in trajectory(graphdef, params, rest, fast, batches)[0]]
   n = len(BATCHES)  # after BATCHES
   chex.assert_trees_all_close(
     fast_steps[n - 1], full_steps[n - 1], atol=1e-5, rtol=1e-5
